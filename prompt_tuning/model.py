@@ -1,0 +1,382 @@
+"""T5 encoder-decoder in Flax linen with T5X parameter paths and logical axis names.
+
+One module covers T5 1.0 (ReLU MLP, tied embeddings, logits scaled by d_model**-0.5), T5 1.1 /
+LM-adapted / Flan-T5 (gated-GELU, untied logits), mT5 and ByT5. Parameter paths follow T5X
+(`token_embedder/embedding`, `encoder/layers_0/attention/query/kernel`, ...), so T5X checkpoints
+load by name; every parameter and activation carries T5X logical axis names, so the same module
+runs on one CPU or sharded over a mesh.
+
+An optional `PromptConfig` adds the trainable prompt at `encoder/prompt/prompt`, inserted into
+the embedded encoder input before dropout. Everything else is the frozen model.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_tuning import masks
+from prompt_tuning import prompts as prompts_lib
+from prompt_tuning.config import T5Config
+
+Array = jax.Array
+constrain = nn.with_logical_constraint
+
+
+def _normal(stddev: float) -> Callable:
+  return nn.initializers.normal(stddev=stddev)
+
+
+def _activation(name: str) -> Callable:
+  if name == "relu":
+    return jax.nn.relu
+  if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+    return functools.partial(jax.nn.gelu, approximate=True)
+  if name == "silu":
+    return jax.nn.silu
+  if name == "linear":
+    return lambda x: x
+  raise ValueError(f"Unknown activation {name!r}")
+
+
+def matmul(x: Array, kernel: Array, dtype) -> Array:
+  """`x @ kernel` over the last axis of x, computed in the activation dtype."""
+  return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+
+
+class Dense(nn.Module):
+  """Bias-free dense layer whose kernel is `[in, out]` with logical axes `kernel_axes`."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  stddev: float
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(_normal(self.stddev),
+                                                               self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.dtype(self.config.param_dtype))
+    return matmul(x, kernel, self.config.activation_dtype)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: no mean subtraction, no bias; statistics in float32."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.dtype(self.config.param_dtype))
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.config.layer_norm_epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.config.activation_dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding `[vocab, embed]`; `attend` gives logits against it (tied output layer)."""
+
+  config: T5Config
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),
+        (self.config.vocab_size, self.config.d_model), jnp.dtype(self.config.param_dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.activation_dtype)
+
+  def attend(self, x: Array) -> Array:
+    dtype = self.config.activation_dtype
+    return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding.astype(dtype))
+
+
+def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bool,
+                              num_buckets: int, max_distance: int,
+                              query_offset: int = 0) -> np.ndarray:
+  """T5's bucketing of `key_pos - query_pos`, computed in numpy float32 like Mesh TF and HF.
+
+  Computed at trace time (shapes are static) so that bucket boundaries match the reference
+  implementations exactly; a float rounding difference here would move whole buckets.
+  """
+  context = np.arange(query_len, dtype=np.int64)[:, None] + query_offset
+  memory = np.arange(key_len, dtype=np.int64)[None, :]
+  relative = memory - context
+  buckets = np.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative > 0).astype(np.int64) * num_buckets
+    relative = np.abs(relative)
+  else:
+    relative = -np.minimum(relative, 0)
+  max_exact = num_buckets // 2
+  is_small = relative < max_exact
+  large = max_exact + (
+        np.log(np.maximum(relative, 1).astype(np.float32) / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+      * np.float32(num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  buckets += np.where(is_small, relative, large)
+  return buckets.astype(np.int32)
+
+
+class RelativePositionBiases(nn.Module):
+  """Learned per-head bias by relative-position bucket, shared by all layers of a stack."""
+
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_len: int, key_len: int, query_position: Array | None = None) -> Array:
+    cfg = self.config
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(_normal(cfg.d_model ** -0.5), ("heads", "relpos_buckets")),
+        (cfg.num_heads, cfg.relative_attention_num_buckets), jnp.dtype(cfg.param_dtype))
+    kwargs = dict(bidirectional=self.bidirectional, num_buckets=cfg.relative_attention_num_buckets,
+                  max_distance=cfg.relative_attention_max_distance)
+    if query_position is None:
+      buckets_QxK = jnp.asarray(relative_position_buckets(query_len, key_len, **kwargs))
+    else:
+      # One decoding step: the row of the full table at the current position.
+      full = jnp.asarray(relative_position_buckets(key_len, key_len, **kwargs))
+      buckets_QxK = jax.lax.dynamic_slice_in_dim(full, query_position, query_len, axis=0)
+    bias_HxQxK = jnp.take(table.astype(jnp.float32), buckets_QxK, axis=1)
+    return bias_HxQxK[None]  # [1, H, Q, K]
+
+
+class Attention(nn.Module):
+  """Multi-head attention without 1/sqrt(d) scaling (T5 folds it into the query weights).
+
+  With `decode=True` keys and values are appended to a cache (collection "cache") of the length
+  the cache was initialised with, one position per call.
+  """
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, bias: Array, *, decode: bool = False,
+               deterministic: bool = True) -> Array:
+    cfg = self.config
+    h, dh, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+    inner = h * dh
+    proj = functools.partial(Dense, config=cfg)
+    q = proj(inner, ("embed", "joined_kv"), (d * dh) ** -0.5, name="query")(x_q)
+    k = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="key")(x_kv)
+    v = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="value")(x_kv)
+    q_BxQxHxK = constrain(q.reshape(q.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
+    k_BxKxHxK = constrain(k.reshape(k.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
+    v_BxKxHxK = constrain(v.reshape(v.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
+
+    if decode:
+      initialized = self.has_variable("cache", "cached_key")
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxKxHxK.shape, k_BxKxHxK.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxKxHxK.shape,
+                               v_BxKxHxK.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        if q_BxQxHxK.shape[1] != 1:
+          raise ValueError("Cached decoding takes one token per step; got "
+                           f"{q_BxQxHxK.shape[1]} positions")
+        i = cache_index.value
+        k_BxKxHxK = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxKxHxK, i, axis=1)
+        v_BxKxHxK = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxKxHxK, i, axis=1)
+        cached_k.value, cached_v.value = k_BxKxHxK, v_BxKxHxK
+        cache_index.value = i + 1
+
+    logits_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxKxHxK,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxQxK = logits_BxHxQxK + bias
+    weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    out_BxQxHxK = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.activation_dtype), v_BxKxHxK)
+    out_BxQxHxK = constrain(out_BxQxHxK, ("batch", "length", "heads", "kv"))
+    out = out_BxQxHxK.reshape(out_BxQxHxK.shape[:2] + (inner,))
+    return proj(d, ("joined_kv", "embed"), inner ** -0.5, name="out")(out)
+
+
+class MLP(nn.Module):
+  """T5 feed-forward: `wi` (ReLU) for T5 1.0, gated `wi_0 * wi_1` for T5 1.1."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    cfg = self.config
+    acts = cfg.mlp_activations
+    hidden = None
+    for i, act in enumerate(acts):
+      name = "wi" if len(acts) == 1 else f"wi_{i}"
+      y = _activation(act)(Dense(cfg.d_ff, ("embed", "mlp"), cfg.d_model ** -0.5, cfg,
+                                 name=name)(x))
+      hidden = y if hidden is None else hidden * y
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    return Dense(cfg.d_model, ("mlp", "embed"), cfg.d_ff ** -0.5, cfg, name="wo")(hidden)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool = True) -> Array:
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
+    y = Attention(cfg, name="attention")(y, y, bias, deterministic=deterministic)
+    x = x + drop(y, deterministic=deterministic)
+    y = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
+    y = MLP(cfg, name="mlp")(y, deterministic=deterministic)
+    x = x + drop(y, deterministic=deterministic)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               deterministic: bool = True, decode: bool = False) -> Array:
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
+    y = Attention(cfg, name="self_attention")(y, y, self_bias, decode=decode,
+                                              deterministic=deterministic)
+    x = x + drop(y, deterministic=deterministic)
+    y = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
+    y = Attention(cfg, name="encoder_decoder_attention")(y, encoded, cross_bias,
+                                                         deterministic=deterministic)
+    x = x + drop(y, deterministic=deterministic)
+    y = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
+    y = MLP(cfg, name="mlp")(y, deterministic=deterministic)
+    x = x + drop(y, deterministic=deterministic)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def _remat(layer_cls, policy: str, static_argnums: tuple[int, ...]):
+  if policy == "none":
+    return layer_cls
+  jax_policy = None if policy == "full" else jax.checkpoint_policies.checkpoint_dots
+  return nn.remat(layer_cls, policy=jax_policy, static_argnums=static_argnums)
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+  prompt: prompts_lib.PromptConfig | None = None
+
+  @nn.compact
+  def __call__(self, tokens_BxL: Array, prompt_index_B: Array | None = None, *,
+               enable_dropout: bool = False) -> Array:
+    cfg = self.config
+    deterministic = not enable_dropout
+    x = self.shared_embedding(tokens_BxL)
+    valid = masks.token_mask(tokens_BxL)
+    if self.prompt is not None:
+      x, valid = prompts_lib.Prompt(self.prompt, cfg.d_model, name="prompt")(
+          x, valid, prompt_index_B)
+    x = constrain(x, ("batch", "length", "embed"))
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    length = x.shape[1]
+    bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(length, length)
+    bias = bias + masks.mask_to_bias(masks.fully_visible_mask(valid, valid))
+    layer = _remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
+    for i in range(cfg.num_encoder_layers):
+      x = layer(cfg, name=f"layers_{i}")(x, bias, deterministic)
+    x = RMSNorm(cfg, name="encoder_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    # Zero the outputs at padding so nothing downstream can depend on what pads computed.
+    return x * valid[..., None].astype(x.dtype)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, encoded_BxSxD: Array, encoder_valid_BxS: Array, tokens_BxT: Array, *,
+               enable_dropout: bool = False, decode: bool = False) -> Array:
+    cfg = self.config
+    deterministic = not enable_dropout
+    y = self.shared_embedding(tokens_BxT)
+    y = constrain(y, ("batch", "length", "embed"))
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
+    length = y.shape[1]
+    if decode and self.has_variable("cache", "position"):
+      # One step: attend to the cache positions written so far, this one included.
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      written = self.variable("cache", "written", lambda: None)
+      i = position.value
+      written.value = written.value.at[i].set(True)
+      max_len = written.value.shape[0]
+      self_bias = relpos(1, max_len, query_position=i)
+      self_bias = self_bias + masks.mask_to_bias(written.value[None, None, None, :])
+      position.value = i + 1
+    else:
+      if decode:  # initialising the cache: its length is this call's length
+        self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+        self.variable("cache", "written", jnp.zeros, (length,), bool)
+      self_bias = relpos(length, length) + masks.mask_to_bias(masks.causal_mask(length))
+    cross_bias = masks.mask_to_bias(masks.key_mask(encoder_valid_BxS))
+    layer = _remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6))
+    for i in range(cfg.num_decoder_layers):
+      y = layer(cfg, name=f"layers_{i}")(y, encoded_BxSxD, self_bias, cross_bias,
+                                         deterministic, decode)
+    y = RMSNorm(cfg, name="decoder_norm")(y)
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    if cfg.tie_word_embeddings:
+      logits = self.shared_embedding.attend(y) * (cfg.d_model ** -0.5)
+    else:
+      logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.d_model ** -0.5, cfg,
+                     name="logits_dense")(y)
+    logits = logits.astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+class T5(nn.Module):
+  """Encoder-decoder T5 (optionally with a soft prompt) returning float32 logits `[B, T, V]`."""
+
+  config: T5Config
+  prompt: prompts_lib.PromptConfig | None = None
+
+  def setup(self):
+    self.token_embedder = Embed(self.config)
+    self.encoder = Encoder(self.config, shared_embedding=self.token_embedder, prompt=self.prompt)
+    self.decoder = Decoder(self.config, shared_embedding=self.token_embedder)
+
+  def encoder_valid(self, encoder_input_tokens: Array) -> Array:
+    """Validity of each encoder output position (prompt + non-pad input)."""
+    valid = masks.token_mask(encoder_input_tokens)
+    if self.prompt is None:
+      return valid
+    return prompts_lib.combine_mask(valid, self.prompt.length, self.prompt.combine)
+
+  def encode(self, encoder_input_tokens: Array, *, prompt_index: Array | None = None,
+             enable_dropout: bool = False) -> Array:
+    return self.encoder(encoder_input_tokens, prompt_index, enable_dropout=enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             *, enable_dropout: bool = False, decode: bool = False) -> Array:
+    return self.decoder(encoded, self.encoder_valid(encoder_input_tokens), decoder_input_tokens,
+                        enable_dropout=enable_dropout, decode=decode)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array | None = None, *, prompt_index: Array | None = None,
+               enable_dropout: bool = False, decode: bool = False,
+               encoder_segment_ids: Any = None, decoder_segment_ids: Any = None) -> Array:
+    """Teacher-forced logits. `decoder_target_tokens` is accepted for T5X compatibility."""
+    del decoder_target_tokens  # causal masking needs only the inputs' shape
+    masks.reject_packing(encoder_segment_ids=encoder_segment_ids,
+                         decoder_segment_ids=decoder_segment_ids)
+    encoded = self.encode(encoder_input_tokens, prompt_index=prompt_index,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       enable_dropout=enable_dropout, decode=decode)

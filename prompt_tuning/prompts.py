@@ -1,0 +1,136 @@
+"""The soft prompt: its parameter, how it is combined with the input, and how it is initialised.
+
+A prompt is a float32 `[P, d_model]` matrix (or a bank `[N, P, d_model]` indexed per example)
+inserted into the encoder's embedded input *before* input dropout. It lives at the parameter path
+`encoder/prompt/prompt` with logical axes `("prompt", "prompt_embed")` (replicated by default).
+
+Initialisers that need the frozen model's vocabulary embeddings (sampled vocabulary, class
+labels) run after the checkpoint is loaded: see `initialize_prompt`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+COMBINATIONS = ("prefix", "prefix_after_bos", "suffix_before_eos")
+PROMPT_PATH = ("encoder", "prompt", "prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """How a prompt is attached to the encoder input."""
+
+  length: int = 100
+  # "prefix" (paper default), "prefix_after_bos" (after the first token) or
+  # "suffix_before_eos" (just before each example's last real token, its EOS).
+  combine: str = "prefix"
+  # A bank of `bank_size` prompts selected per example by `prompt_index` (None: one prompt).
+  bank_size: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.length, int) or self.length <= 0:
+      raise ValueError(f"PromptConfig.length must be a positive int, got {self.length!r}")
+    if self.combine not in COMBINATIONS:
+      raise ValueError(f"PromptConfig.combine={self.combine!r}; choose one of {COMBINATIONS}")
+    if self.bank_size is not None and self.bank_size <= 0:
+      raise ValueError(f"PromptConfig.bank_size must be positive or None, got {self.bank_size}")
+
+  @property
+  def shape_suffix(self) -> tuple[int, ...]:
+    return () if self.bank_size is None else (self.bank_size,)
+
+
+def random_uniform(low: float = -0.5, high: float = 0.5) -> Callable:
+  """U[low, high). The paper states U[-0.5, 0.5]; the original code drew U[0, 0.5)."""
+  def init(rng, shape, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, dtype, minval=low, maxval=high)
+  return init
+
+
+def insertion_positions(valid_BxL: jnp.ndarray, combine: str) -> jnp.ndarray:
+  """Where the prompt's first row lands in each example, in input coordinates."""
+  batch = valid_BxL.shape[0]
+  if combine == "prefix":
+    return jnp.zeros((batch,), jnp.int32)
+  if combine == "prefix_after_bos":
+    return jnp.ones((batch,), jnp.int32)
+  if combine == "suffix_before_eos":
+    n = valid_BxL.sum(axis=1).astype(jnp.int32)
+    return jnp.maximum(n - 1, 0)
+  raise ValueError(f"Unknown prompt combination {combine!r}; choose one of {COMBINATIONS}")
+
+
+def combine(embedded_BxLxD: jnp.ndarray, prompt_BxPxD: jnp.ndarray, valid_BxL: jnp.ndarray,
+            combine_mode: str = "prefix") -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Inserts the prompt into the embedded input; returns `(embedded_Bx(P+L)xD, valid_Bx(P+L))`.
+
+  Prompt positions are always valid. The prefix case is a plain concatenation; the others
+  insert at a per-example position with one gather, so every combination has static shapes.
+  """
+  batch, length, _ = embedded_BxLxD.shape
+  plen = prompt_BxPxD.shape[1]
+  prompt_BxPxD = prompt_BxPxD.astype(embedded_BxLxD.dtype)
+  if combine_mode == "prefix":
+    return (jnp.concatenate([prompt_BxPxD, embedded_BxLxD], axis=1),
+            jnp.concatenate([jnp.ones((batch, plen), bool), valid_BxL], axis=1))
+  valid_out, from_prompt, src_x, src_p = _insertion_indices(valid_BxL, plen, combine_mode)
+  take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))
+  out = jnp.where(from_prompt[..., None], take(prompt_BxPxD, src_p), take(embedded_BxLxD, src_x))
+  return out, valid_out
+
+
+def combine_mask(valid_BxL: jnp.ndarray, prompt_length: int,
+                 combine_mode: str = "prefix") -> jnp.ndarray:
+  """The validity vector of the combined sequence, without touching embeddings."""
+  if combine_mode == "prefix":
+    batch = valid_BxL.shape[0]
+    return jnp.concatenate([jnp.ones((batch, prompt_length), bool), valid_BxL], axis=1)
+  return _insertion_indices(valid_BxL, prompt_length, combine_mode)[0]
+
+
+def _insertion_indices(valid_BxL, plen, combine_mode):
+  _, length = valid_BxL.shape
+  pos_B1 = insertion_positions(valid_BxL, combine_mode)[:, None]
+  j_1xT = jnp.arange(length + plen)[None, :]
+  from_prompt = (j_1xT >= pos_B1) & (j_1xT < pos_B1 + plen)
+  src_x = jnp.clip(jnp.where(j_1xT < pos_B1, j_1xT, j_1xT - plen), 0, length - 1)
+  src_p = jnp.clip(j_1xT - pos_B1, 0, plen - 1)
+  valid_src = jnp.take_along_axis(valid_BxL, src_x, axis=1)
+  valid_out = from_prompt | (valid_src & (j_1xT - plen < length))
+  return valid_out, from_prompt, src_x, src_p
+
+
+class Prompt(nn.Module):
+  """The trainable prompt parameter and its insertion into the encoder input."""
+
+  config: PromptConfig
+  d_model: int
+  init_fn: Callable = dataclasses.field(default_factory=random_uniform)
+
+  @nn.compact
+  def __call__(self, embedded_BxLxD, valid_BxL, prompt_index_B=None):
+    cfg = self.config
+    if cfg.bank_size is None:
+      axes = ("prompt", "prompt_embed")
+      shape = (cfg.length, self.d_model)
+    else:
+      axes = ("prompt_bank", "prompt", "prompt_embed")
+      shape = (cfg.bank_size, cfg.length, self.d_model)
+    prompt = self.param("prompt", nn.with_logical_partitioning(self.init_fn, axes), shape,
+                        jnp.float32)
+    batch = embedded_BxLxD.shape[0]
+    if cfg.bank_size is None:
+      if prompt_index_B is not None:
+        raise ValueError("prompt_index was given but the model has a single prompt; set "
+                         "PromptConfig.bank_size to use a prompt bank")
+      prompt_BxPxD = jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
+    else:
+      if prompt_index_B is None:
+        prompt_index_B = jnp.zeros((batch,), jnp.int32)
+      prompt_BxPxD = jnp.take(prompt, prompt_index_B, axis=0)
+    prompt_BxPxD = nn.with_logical_constraint(prompt_BxPxD, ("batch", "prompt", "prompt_embed"))
+    return combine(embedded_BxLxD, prompt_BxPxD, valid_BxL, cfg.combine)
