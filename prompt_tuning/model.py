@@ -118,10 +118,9 @@ def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bo
     relative = -np.minimum(relative, 0)
   max_exact = num_buckets // 2
   is_small = relative < max_exact
-  large = max_exact + (
-        np.log(np.maximum(relative, 1).astype(np.float32) / np.float32(max_exact))
-        / np.float32(math.log(max_distance / max_exact))
-      * np.float32(num_buckets - max_exact)).astype(np.int64)
+  log_ratio = np.log(np.maximum(relative, 1).astype(np.float32) / np.float32(max_exact))
+  large = max_exact + (log_ratio / np.float32(math.log(max_distance / max_exact))
+                       * np.float32(num_buckets - max_exact)).astype(np.int64)
   large = np.minimum(large, num_buckets - 1)
   buckets += np.where(is_small, relative, large)
   return buckets.astype(np.int32)
