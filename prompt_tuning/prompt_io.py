@@ -1,0 +1,477 @@
+"""Reading and writing prompts: `.npy`, the original's numpy exports, HF PEFT adapters, T5X.
+
+Every reader returns a float32 `prompt_PxD` and validates at the boundary: files come from
+strangers, so nothing here unpickles (`np.load(allow_pickle=False)`, safetensors parsed by hand,
+`torch.load(weights_only=True)` only), and a T5X checkpoint may name array folders only inside
+itself. Every writer goes through a temporary name and a rename, so a crash never leaves a
+half-written file that looks complete.
+
+Formats (see DESIGN.md, "Prompt export for other frameworks"):
+- `.npy`, or an extension-less file written by `np.save(file_object, ...)` (the original
+  implementation's periodic exports); recognised by the `\\x93NUMPY` magic, not the name.
+- A PEFT prompt-tuning adapter folder: `adapter_config.json` + `adapter_model.safetensors` (or
+  `adapter_model.bin`) holding `prompt_embeddings` [P * num_transformer_submodules, D]; the
+  encoder prompt is rows `[:num_virtual_tokens]`.
+- An `adapter_model.safetensors`/`.bin` file on its own (its sibling `adapter_config.json`, if
+  any, gives P), or any `.safetensors` file with one tensor.
+- A T5X legacy msgpack checkpoint (`extract_prompt_from_t5x`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+NPY_MAGIC = b"\x93NUMPY"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_SAFETENSORS = "adapter_model.safetensors"
+PEFT_BIN = "adapter_model.bin"
+PEFT_TENSOR = "prompt_embeddings"
+T5X_PROMPT_PATH = ("encoder", "prompt", "prompt")
+
+# T5 1.1 widths, to turn a d_model mismatch into "this prompt was trained for T5 base".
+_SIZE_BY_D_MODEL = {512: "small", 768: "base", 1024: "large", 2048: "xl", 4096: "xxl"}
+_SAFETENSORS_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None}
+# The header of a prompt's safetensors file is tiny; refuse absurd sizes before reading them.
+_MAX_SAFETENSORS_HEADER = 1 << 24
+
+PathLike = str | os.PathLike
+
+
+class PromptFileError(ValueError):
+  """A prompt file is missing, malformed, unsafe, or of the wrong shape."""
+
+
+# ----- reading -----
+
+def load_prompt(path: PathLike, *, expected_shape: Sequence[int] | None = None) -> np.ndarray:
+  """Loads a prompt from any supported format; returns float32 `[P, D]`.
+
+  `expected_shape` (P, D), when given, must match exactly; the error says which knob to turn.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    prompt = _load_peft_dir(path)
+  elif path.is_file():
+    prompt = _load_file(path)
+  else:
+    raise PromptFileError(f"Prompt file {path} does not exist")
+  prompt_PxD = as_prompt(prompt, source=path)
+  if expected_shape is not None:
+    check_shape(prompt_PxD, expected_shape, source=path)
+  return prompt_PxD
+
+
+def as_prompt(array: Any, *, source: Any = "the prompt") -> np.ndarray:
+  """Validates a prompt array (float, rank 2, finite) and returns it as float32 numpy."""
+  array = np.asarray(array)
+  if array.dtype == object or not _is_float(array.dtype):
+    raise PromptFileError(f"{source}: found dtype {array.dtype}, expected a floating-point "
+                          "prompt (float16/bfloat16/float32/float64)")
+  if array.ndim != 2:
+    raise PromptFileError(f"{source}: found an array of shape {array.shape} (rank {array.ndim}), "
+                          "expected a rank-2 prompt [prompt_length, d_model]")
+  prompt_PxD = array.astype(np.float32)
+  if not np.all(np.isfinite(prompt_PxD)):
+    raise PromptFileError(f"{source}: the prompt contains NaN or infinite values")
+  return prompt_PxD
+
+
+def check_shape(prompt_PxD: np.ndarray, expected_shape: Sequence[int], *,
+                source: Any = "the prompt") -> None:
+  """Raises an error naming both shapes and the fix when `prompt_PxD` is not `expected_shape`."""
+  expected = tuple(int(n) for n in expected_shape)
+  found = tuple(prompt_PxD.shape)
+  if found == expected:
+    return
+  hints = []
+  if len(expected) == 2 and found[0] != expected[0]:
+    hints.append(f"set PROMPT_LENGTH = {found[0]} to use this prompt as it is")
+  if len(expected) == 2 and found[1] != expected[1]:
+    size = _SIZE_BY_D_MODEL.get(found[1])
+    made_for = f" (T5 1.1 {size})" if size else ""
+    hints.append(f"the prompt has d_model {found[1]}{made_for} but the model has "
+                 f"{expected[1]}: use the model size the prompt was trained for")
+  hint = "; ".join(hints) or "check the prompt and model configuration"
+  raise PromptFileError(f"{source}: prompt shape {found} does not match the expected shape "
+                        f"{expected}: {hint}")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
+def _load_file(path: pathlib.Path) -> np.ndarray:
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if head.startswith(NPY_MAGIC):
+    return _load_npy(path)
+  suffix = path.suffix.lower()
+  if suffix == ".safetensors" or _looks_like_safetensors(head, path):
+    return _from_weights(_read_safetensors(path), path)
+  if suffix in (".bin", ".pt", ".pth"):
+    return _from_weights(_read_torch_weights(path), path)
+  if head.startswith(b"PK"):
+    raise PromptFileError(f"{path}: a zip archive (.npz or an unnamed torch file) is not a "
+                          "prompt format we read; save the prompt as .npy or safetensors")
+  raise PromptFileError(f"{path}: unrecognised prompt format (expected a .npy file, an "
+                        "extension-less numpy export, a .safetensors file or a PEFT adapter "
+                        "folder); pickle files are never loaded")
+
+
+def _load_npy(path: pathlib.Path) -> np.ndarray:
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, EOFError, OSError) as e:
+    raise PromptFileError(f"{path}: refused to load ({e}); prompt files must hold a plain "
+                          "float array, and pickled objects are never loaded") from None
+
+
+def _load_peft_dir(path: pathlib.Path) -> np.ndarray:
+  config_path = path / PEFT_CONFIG
+  if not config_path.is_file():
+    raise PromptFileError(f"{path} is a folder without {PEFT_CONFIG}: expected a PEFT "
+                          "prompt-tuning adapter folder or a prompt file")
+  config = _read_peft_config(config_path)
+  if (path / PEFT_SAFETENSORS).is_file():
+    weights_path = path / PEFT_SAFETENSORS
+    tensors = _read_safetensors(weights_path)
+  elif (path / PEFT_BIN).is_file():
+    weights_path = path / PEFT_BIN
+    tensors = _read_torch_weights(weights_path)
+  else:
+    raise PromptFileError(f"{path}: PEFT adapter folder has neither {PEFT_SAFETENSORS} nor "
+                          f"{PEFT_BIN}")
+  return _from_weights(tensors, weights_path, config)
+
+
+def _from_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
+                  config: dict | None = None) -> np.ndarray:
+  """The prompt in a weights file; a PEFT config (given, or beside `adapter_model.*`) gives P."""
+  sibling = path.parent / PEFT_CONFIG
+  if config is None and path.stem == "adapter_model" and sibling.is_file():
+    config = _read_peft_config(sibling)
+  embeddings = _pick_tensor(tensors, path)
+  if config is None:
+    return embeddings
+  token_dim = config.get("token_dim")
+  if token_dim is not None and embeddings.ndim == 2 and embeddings.shape[1] != token_dim:
+    raise PromptFileError(f"{path}: {PEFT_TENSOR} has width {embeddings.shape[1]} but the "
+                          f"adapter config says token_dim {token_dim}")
+  return _peft_rows(embeddings, config["num_virtual_tokens"], path)
+
+
+def _read_peft_config(config_path: pathlib.Path) -> dict:
+  try:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PromptFileError(f"{config_path}: not a readable JSON file ({e})") from None
+  if not isinstance(config, dict):
+    raise PromptFileError(f"{config_path}: expected a JSON object")
+  peft_type = config.get("peft_type")
+  if peft_type != "PROMPT_TUNING":
+    raise PromptFileError(f"{config_path}: peft_type is {peft_type!r}, expected "
+                          "'PROMPT_TUNING' (prefix tuning, P-tuning and LoRA adapters are not "
+                          "prompts)")
+  nvt = config.get("num_virtual_tokens")
+  if not isinstance(nvt, int) or isinstance(nvt, bool) or nvt <= 0:
+    raise PromptFileError(f"{config_path}: num_virtual_tokens is {nvt!r}, expected a positive "
+                          "int")
+  return config
+
+
+def _peft_rows(embeddings: np.ndarray, num_virtual_tokens: int, source) -> np.ndarray:
+  """The encoder prompt: PEFT stores one block of P rows per transformer submodule."""
+  if embeddings.ndim != 2:
+    return embeddings  # as_prompt names the rank
+  rows = embeddings.shape[0]
+  if rows < num_virtual_tokens or rows % num_virtual_tokens:
+    raise PromptFileError(f"{source}: {PEFT_TENSOR} has {rows} rows, expected a multiple of "
+                          f"num_virtual_tokens={num_virtual_tokens}")
+  return embeddings[:num_virtual_tokens]
+
+
+def _pick_tensor(tensors: dict[str, np.ndarray], source) -> np.ndarray:
+  if PEFT_TENSOR in tensors:
+    return tensors[PEFT_TENSOR]
+  if len(tensors) == 1:
+    return next(iter(tensors.values()))
+  raise PromptFileError(f"{source}: expected a tensor named {PEFT_TENSOR!r} (or a single "
+                        f"tensor), found {sorted(tensors)}")
+
+
+def _looks_like_safetensors(head: bytes, path: pathlib.Path) -> bool:
+  if len(head) < 8:
+    return False
+  n = int.from_bytes(head, "little")
+  if not 2 <= n <= _MAX_SAFETENSORS_HEADER or n + 8 > path.stat().st_size:
+    return False
+  with open(path, "rb") as f:
+    f.seek(8)
+    return f.read(1) == b"{"
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads the float tensors of a safetensors file (bfloat16 included, which numpy lacks)."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= _MAX_SAFETENSORS_HEADER or n + 8 > size:
+      raise PromptFileError(f"{path}: not a safetensors file (bad header length {n})")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise PromptFileError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+      raise PromptFileError(f"{path}: not a safetensors file (header is not an object)")
+    tensors = {}
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      try:
+        dtype_name, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+      except (KeyError, TypeError, ValueError):
+        raise PromptFileError(f"{path}: malformed safetensors entry {name!r}") from None
+      if dtype_name not in _SAFETENSORS_FLOATS:
+        raise PromptFileError(f"{path}: tensor {name!r} has dtype {dtype_name}, expected a "
+                              f"floating-point prompt ({'/'.join(_SAFETENSORS_FLOATS)})")
+      dtype = np.dtype(_bfloat16() if dtype_name == "BF16" else _SAFETENSORS_FLOATS[dtype_name])
+      count = math.prod(shape)
+      if (not all(isinstance(d, int) and d >= 0 for d in shape + [begin, end]) or end - begin !=
+          count * dtype.itemsize or begin < 0 or 8 + n + end > size):
+        raise PromptFileError(f"{path}: tensor {name!r} has inconsistent shape/offsets")
+      f.seek(8 + n + begin)
+      data = f.read(end - begin)
+      tensors[name] = np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape)
+  return tensors
+
+
+def _bfloat16():
+  import ml_dtypes  # ships with jax
+  return ml_dtypes.bfloat16
+
+
+def _read_torch_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads a torch state dict with `weights_only=True`, which refuses arbitrary pickles."""
+  try:
+    import torch
+  except ImportError:
+    raise PromptFileError(f"{path}: reading a torch .bin needs torch installed; or convert "
+                          "the adapter to safetensors") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for unsafe files
+    raise PromptFileError(f"{path}: refused to load as a weights-only torch file "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                          ) from None
+  if isinstance(state, torch.Tensor):
+    state = {PEFT_TENSOR: state}
+  if not isinstance(state, dict):
+    raise PromptFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+  tensors = {}
+  for name, value in state.items():
+    if isinstance(value, torch.Tensor):
+      if not value.is_floating_point():
+        raise PromptFileError(f"{path}: tensor {name!r} has dtype {value.dtype}, expected a "
+                              "floating-point prompt")
+      tensors[str(name)] = value.detach().to(torch.float32).numpy()
+  return tensors
+
+
+# ----- T5X -----
+
+def extract_prompt_from_t5x(checkpoint_dir: PathLike,
+                            path: str | Sequence[str] = T5X_PROMPT_PATH, *,
+                            expected_shape: Sequence[int] | None = None) -> np.ndarray:
+  """Reads one array (the prompt by default) from a T5X legacy msgpack checkpoint.
+
+  `checkpoint_dir` is the `checkpoint_N` folder (or its `checkpoint` file). `path` is a tuple or
+  a `/`-separated string, relative to the parameters; a leading `target/` (the original
+  implementation's `target/encoder/prompt/prompt`) or `optimizer/target/` is accepted.
+  """
+  from flax import serialization
+
+  checkpoint_dir = pathlib.Path(checkpoint_dir)
+  msgpack_file = checkpoint_dir
+  if checkpoint_dir.is_dir():
+    msgpack_file = checkpoint_dir / "checkpoint"
+  else:
+    checkpoint_dir = checkpoint_dir.parent
+  if not msgpack_file.is_file():
+    raise PromptFileError(f"{msgpack_file} does not exist: expected a T5X checkpoint_N folder "
+                          "holding a msgpack `checkpoint` file")
+  try:
+    state = serialization.msgpack_restore(msgpack_file.read_bytes())
+  except Exception as e:  # msgpack raises several unrelated types on corrupt input
+    raise PromptFileError(f"{msgpack_file}: not a T5X msgpack checkpoint ({e})") from None
+  parts = tuple(p for p in (path.split("/") if isinstance(path, str) else path) if p)
+  leaf = _find_in_t5x(state, parts, msgpack_file)
+  source = f"{msgpack_file}:{'/'.join(parts)}"
+  if isinstance(leaf, dict) and "driver" in leaf:
+    leaf = _read_tensorstore(leaf, checkpoint_dir, source)
+  elif isinstance(leaf, dict):
+    raise PromptFileError(f"{source} is a subtree with keys {sorted(leaf)}, not an array")
+  prompt_PxD = as_prompt(leaf, source=source)
+  if expected_shape is not None:
+    check_shape(prompt_PxD, expected_shape, source=source)
+  return prompt_PxD
+
+
+def _find_in_t5x(state: dict, parts: tuple[str, ...], source) -> Any:
+  # Parameters live at optimizer/target/...; try the path as given first, then under them.
+  for prefix in ((), ("optimizer",), ("optimizer", "target"), ("target",)):
+    node = state
+    for key in prefix + parts:
+      if not isinstance(node, dict) or key not in node:
+        break
+      node = node[key]
+    else:
+      return node
+  target = state.get("optimizer", {}) if isinstance(state, dict) else {}
+  target = target.get("target", {}) if isinstance(target, dict) else {}
+  keys = sorted(target) if isinstance(target, dict) else []
+  raise PromptFileError(f"{source}: no array at {'/'.join(parts)!r} (tried it as given and "
+                        f"under optimizer/target/); parameter keys there: {keys}")
+
+
+def _read_tensorstore(spec: dict, checkpoint_dir: pathlib.Path, source: str) -> np.ndarray:
+  """Opens a T5X tensorstore spec, pinned to a folder inside the checkpoint."""
+  import tensorstore as ts
+
+  if spec.get("driver") == "cast" and isinstance(spec.get("base"), dict):
+    spec = spec["base"]  # we cast to float32 ourselves
+  driver = spec.get("driver")
+  if driver not in ("zarr", "n5"):
+    raise PromptFileError(f"{source}: tensorstore driver {driver!r} is not supported (expected "
+                          "zarr)")
+  kvstore = spec.get("kvstore")
+  if not isinstance(kvstore, dict) or not isinstance(kvstore.get("path", ""), str):
+    raise PromptFileError(f"{source}: expected a kvstore with a relative path, found {kvstore!r}")
+  relative = "/".join(p for p in (kvstore.get("path", ""), spec.get("path", "")) if p)
+  resolved = _inside(checkpoint_dir, relative, source)
+  try:
+    store = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(resolved)}},
+                    open=True, read=True).result()
+    return np.asarray(store.read().result())
+  except Exception as e:  # tensorstore reports missing or corrupt arrays as ValueError & co.
+    raise PromptFileError(f"{source}: could not read the array folder {resolved} ({e})") from None
+
+
+def _inside(root: pathlib.Path, relative: str, source: str) -> pathlib.Path:
+  """`root/relative`, refusing absolute paths, `..`, URLs and symlinks that leave `root`."""
+  rel = pathlib.PurePosixPath(relative)
+  if (not relative or rel.is_absolute() or "://" in relative or ".." in rel.parts
+      or relative.startswith("~")):
+    raise PromptFileError(f"{source}: array path {relative!r} must be a relative path inside "
+                          "the checkpoint folder (no absolute paths, URLs or '..')")
+  real_root = root.resolve()
+  resolved = (real_root / rel).resolve()
+  if real_root not in resolved.parents:
+    raise PromptFileError(f"{source}: array path {relative!r} leaves the checkpoint folder")
+  return resolved
+
+
+# ----- writing -----
+
+def save_prompt_npy(path: PathLike, prompt_PxD: Any) -> pathlib.Path:
+  """Writes float32 `[P, D]` to exactly `path` (no `.npy` added) via a temp file + rename."""
+  path = pathlib.Path(path)
+  prompt_PxD = as_prompt(prompt_PxD)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, prompt_PxD, allow_pickle=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    _remove_quietly(tmp)
+    raise
+  return path
+
+
+def peft_adapter_config(prompt_PxD: np.ndarray, *, base_model_name_or_path: str | None,
+                        num_layers: int, num_attention_heads: int,
+                        tokenizer_name_or_path: str | None = None) -> dict:
+  """The `adapter_config.json` of a PEFT prompt-tuning adapter for an encoder-decoder."""
+  length, d_model = prompt_PxD.shape
+  return {
+      "auto_mapping": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "inference_mode": True,
+      "modules_to_save": None,
+      "num_attention_heads": int(num_attention_heads),
+      "num_layers": int(num_layers),
+      # 1: the prompt goes on the encoder only (PEFT's seq2seq default of 2 also prompts the
+      # decoder, which the paper's method does not).
+      "num_transformer_submodules": 1,
+      "num_virtual_tokens": int(length),
+      "peft_type": "PROMPT_TUNING",
+      # RANDOM: PEFT must not re-initialise from text; the weights file holds the prompt.
+      "prompt_tuning_init": "RANDOM",
+      "prompt_tuning_init_text": None,
+      "revision": None,
+      "task_type": "SEQ_2_SEQ_LM",
+      "token_dim": int(d_model),
+      "tokenizer_kwargs": None,
+      "tokenizer_name_or_path": tokenizer_name_or_path,
+  }
+
+
+def export_peft_adapter(out_dir: PathLike, prompt_PxD: Any, *, base_model_name_or_path: str,
+                        num_layers: int, num_attention_heads: int, token_dim: int | None = None,
+                        tokenizer_name_or_path: str | None = None,
+                        overwrite: bool = False) -> pathlib.Path:
+  """Writes a HF PEFT prompt-tuning adapter folder; loads with `PeftModel.from_pretrained`.
+
+  The folder is assembled under a temporary name and renamed into place. An existing `out_dir`
+  is replaced only with `overwrite=True`.
+  """
+  from safetensors.numpy import save_file
+
+  out_dir = pathlib.Path(out_dir)
+  prompt_PxD = as_prompt(prompt_PxD)
+  if token_dim is not None and token_dim != prompt_PxD.shape[1]:
+    raise ValueError(f"token_dim={token_dim} but the prompt has d_model {prompt_PxD.shape[1]}")
+  for name, value in (("num_layers", num_layers), ("num_attention_heads", num_attention_heads)):
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+  config = peft_adapter_config(prompt_PxD, base_model_name_or_path=base_model_name_or_path,
+                               num_layers=num_layers, num_attention_heads=num_attention_heads,
+                               tokenizer_name_or_path=tokenizer_name_or_path)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.",
+                                      suffix=".tmp"))
+  try:
+    (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                   encoding="utf-8")
+    save_file({PEFT_TENSOR: np.ascontiguousarray(prompt_PxD)}, str(tmp / PEFT_SAFETENSORS))
+    if out_dir.exists():
+      # Move the old folder aside first: a directory cannot be renamed over a non-empty one.
+      old = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.",
+                                          suffix=".old"))
+      os.replace(out_dir, old / "adapter")
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def _remove_quietly(path: PathLike) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
