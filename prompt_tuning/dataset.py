@@ -1,0 +1,226 @@
+"""SeqIO tasks and mixtures -> host batches for training and evaluation.
+
+Training data go through `seqio.EncDecFeatureConverter(pack=False)` (prompts and packing don't
+mix), in a deterministic order fixed by the seed, each host reading its own shard
+(`seqio.ShardInfo`). The position in the stream (batches consumed) is saved with each checkpoint;
+a resumed run rebuilds the same stream and skips that many batches, so it sees exactly the batches
+the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import logging
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+_TRUNCATED = "inputs_truncated"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """Which data, how long, how many per step. `batch_size` is global (all hosts)."""
+
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = "train"
+  batch_size: int = 32
+  shuffle: bool = True
+  seed: int | None = 42
+  use_cached: bool = False
+  # Modules that register tasks (MIXTURE_OR_TASK_MODULE); a string or a sequence of strings.
+  module: Any = None
+  pack: bool = False
+
+  def __post_init__(self):
+    if self.pack:
+      raise ValueError("Packing is not supported with prompt tuning (a prompt is prepended once "
+                       "per row); set pack=False.")
+    missing = {"inputs", "targets"} - set(self.task_feature_lengths or {})
+    if missing:
+      raise ValueError(f"TASK_FEATURE_LENGTHS must give lengths for {sorted(missing)}, e.g. "
+                       "{'inputs': 512, 'targets': 8}")
+    if self.batch_size <= 0:
+      raise ValueError(f"BATCH_SIZE must be positive, got {self.batch_size}")
+
+
+def import_modules(module) -> None:
+  if not module:
+    return
+  for name in [module] if isinstance(module, str) else module:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"Could not import MIXTURE_OR_TASK_MODULE {name!r}: {e}") from e
+
+
+def get_mixture_or_task(name: str, module=None) -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture, or an error that suggests close names."""
+  import_modules(module)
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    known = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f" Did you mean {close}?" if close else ""
+    where = (f" (after importing {module!r})" if module else
+             " Set MIXTURE_OR_TASK_MODULE to the module that registers it, e.g. 'tasks.glue'.")
+    raise ValueError(f"Unknown task or mixture {name!r}{where}.{hint} "
+                     f"{len(known)} are registered; list them with "
+                     "`python -m prompt_tuning.scripts.show_tasks`.") from None
+
+
+def host_shard() -> seqio.ShardInfo:
+  return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+
+
+def check_vocabulary(task, vocab_size: int) -> None:
+  """The task's vocabulary must fit the model's embedding table."""
+  for name in ("inputs", "targets"):
+    feature = task.output_features.get(name)
+    if feature is None:
+      continue
+    size = feature.vocabulary.vocab_size
+    if size > vocab_size:
+      raise ValueError(
+          f"Task {task.name!r} feature {name!r} uses a vocabulary of {size} ids but the model's "
+          f"embedding has {vocab_size} rows: use the model's vocabulary (e.g. the task variant "
+          "with the right vocabulary suffix such as _mt5 / _byt5) or the matching model.")
+
+
+def _mark_truncation(lengths: Mapping[str, int]):
+  def fn(ex):
+    ex = dict(ex)
+    over = tf.zeros([], tf.bool)
+    for name in ("inputs", "targets"):
+      over = over | (tf.shape(ex[name])[0] > lengths[name])
+      ex[name] = ex[name][:lengths[name]]
+    ex[_TRUNCATED] = tf.reshape(tf.cast(over, tf.int32), [1])
+    return ex
+  return fn
+
+
+def _feature_converter():
+  spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+  return seqio.EncDecFeatureConverter(pack=False, passthrough_features={_TRUNCATED: spec})
+
+
+class TrainBatches:
+  """An endless, resumable iterator of host batches (numpy dicts) for training.
+
+  `position` counts the batches handed out; `truncated_examples` counts examples whose inputs or
+  targets were longer than TASK_FEATURE_LENGTHS (and were truncated, never silently).
+  """
+
+  def __init__(self, cfg: DatasetConfig, *, start_position: int = 0,
+               shard_info: seqio.ShardInfo | None = None):
+    self.cfg = cfg
+    self.position = int(start_position)
+    self.truncated_examples = 0
+    self.examples = 0
+    shard_info = shard_info or host_shard()
+    if cfg.batch_size % shard_info.num_shards:
+      raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by the number of hosts "
+                       f"{shard_info.num_shards}")
+    self.host_batch_size = cfg.batch_size // shard_info.num_shards
+    task = get_mixture_or_task(cfg.mixture_or_task_name, cfg.module)
+    lengths = dict(cfg.task_feature_lengths)
+    ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached,
+                          shuffle=cfg.shuffle, seed=cfg.seed, shard_info=shard_info,
+                          num_epochs=None, trim_output_features=False)
+    ds = ds.map(_mark_truncation(lengths), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _feature_converter()(ds, {**lengths, _TRUNCATED: 1})
+    ds = ds.batch(self.host_batch_size, drop_remainder=True)
+    if self.position:
+      logging.info("Resuming the data stream at batch %d", self.position)
+      ds = ds.skip(self.position)
+    self._it = iter(ds.prefetch(2).as_numpy_iterator())
+    self.task = task
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      raise ValueError(
+          f"Split {self.cfg.split!r} of {self.cfg.mixture_or_task_name!r} yielded no examples "
+          f"for a batch of {self.host_batch_size} (empty split, or every example filtered "
+          "out). Check the data source and TFDS data dir (--tfds_data_dir).") from None
+    truncated = batch.pop(_TRUNCATED)
+    self.truncated_examples += int(truncated.sum())
+    self.examples += truncated.shape[0]
+    self.position += 1
+    return {k: v.astype(np.int32) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class EvalExamples:
+  """One task's evaluation split: model features plus what metrics need (texts, raw examples)."""
+
+  task: seqio.Task
+  features: dict[str, np.ndarray]   # [N, ...] encoder/decoder tokens
+  examples: list[dict[str, Any]]    # per example: raw features incl. *_pretokenized
+  truncated_examples: int
+
+
+def task_names_for_eval(name: str, module=None) -> list[str]:
+  """A mixture is evaluated task by task (like T5X); tasks without metrics are skipped."""
+  task_or_mixture = get_mixture_or_task(name, module)
+  tasks = getattr(task_or_mixture, "tasks", [task_or_mixture])
+  return [t.name for t in tasks]
+
+
+def load_eval_examples(task_name: str, cfg: DatasetConfig, *, max_examples: int | None = None,
+                       shard_info: seqio.ShardInfo | None = None) -> EvalExamples:
+  """Reads a whole evaluation split (in order, unshuffled) into host memory."""
+  task = get_mixture_or_task(task_name, cfg.module)
+  lengths = dict(cfg.task_feature_lengths)
+  ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached, shuffle=False,
+                        shard_info=shard_info, num_epochs=1, trim_output_features=False)
+  if max_examples:
+    ds = ds.take(max_examples)
+  examples = list(ds.as_numpy_iterator())
+  if not examples:
+    raise ValueError(f"Split {cfg.split!r} of task {task_name!r} has no examples; check the "
+                     "data source or pick another split.")
+  truncated = sum(int(len(ex["inputs"]) > lengths["inputs"] or
+                      len(ex["targets"]) > lengths["targets"]) for ex in examples)
+  return EvalExamples(task, to_model_features(examples, lengths), examples, truncated)
+
+
+def to_model_features(examples: Sequence[Mapping[str, np.ndarray]],
+                      lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """The EncDecFeatureConverter layout (no packing) for in-memory examples."""
+  n = len(examples)
+  enc = np.zeros((n, lengths["inputs"]), np.int32)
+  tgt = np.zeros((n, lengths["targets"]), np.int32)
+  for i, ex in enumerate(examples):
+    x = np.asarray(ex["inputs"])[:lengths["inputs"]]
+    y = np.asarray(ex["targets"])[:lengths["targets"]]
+    enc[i, :len(x)] = x
+    tgt[i, :len(y)] = y
+  dec_in = np.concatenate([np.zeros((n, 1), np.int32), tgt[:, :-1]], axis=1)
+  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+          "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
+
+
+def batches_of(features: Mapping[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict, int]]:
+  """Fixed-size batches (the last padded with all-zero rows); yields (batch, real rows)."""
+  n = len(next(iter(features.values())))
+  for start in range(0, n, batch_size):
+    rows = min(batch_size, n - start)
+    batch = {}
+    for k, v in features.items():
+      chunk = v[start:start + rows]
+      if rows < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - rows,) + chunk.shape[1:],
+                                                chunk.dtype)])
+      batch[k] = chunk
+    yield batch, rows

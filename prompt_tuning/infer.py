@@ -1,0 +1,25 @@
+"""Entry point: `python -m prompt_tuning.infer --gin_file=runs/prompt_infer.gin ...`.
+
+Writes one JSONL of {inputs, prediction, target} per task to INFER_OUTPUT_DIR.
+"""
+import sys
+
+import gin
+
+from prompt_tuning import gin_utils
+from prompt_tuning import trainer
+
+
+def main(argv=None):
+  trainer.configure_logging()
+  argv = sys.argv[1:] if argv is None else argv
+  infer = gin.configurable(trainer.infer, module="prompt_tuning.trainer")
+  gin_utils.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.")
+  paths = gin_utils.call_configured(infer)
+  for p in paths:
+    print(p)
+  return paths
+
+
+if __name__ == "__main__":
+  gin_utils.run_main(main)

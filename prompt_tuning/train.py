@@ -1,0 +1,25 @@
+"""Entry point: `python -m prompt_tuning.train --gin_file=... --gin.MODEL_DIR="'...'"`.
+
+T5X-style flags (see gin_utils); the run's configuration is gin-bound `trainer.train`.
+"""
+import json
+import sys
+
+import gin
+
+from prompt_tuning import gin_utils
+from prompt_tuning import trainer
+
+
+def main(argv=None) -> dict:
+  trainer.configure_logging()
+  argv = sys.argv[1:] if argv is None else argv
+  train = gin.configurable(trainer.train, module="prompt_tuning.trainer")
+  gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
+  result = gin_utils.call_configured(train)
+  print(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
+  return result
+
+
+if __name__ == "__main__":
+  gin_utils.run_main(main)

@@ -1,0 +1,566 @@
+"""Train, evaluate and infer: the library functions behind `python -m prompt_tuning.{train,eval,infer}`.
+
+Plain functions with keyword arguments; gin files only wire them (see gin/runs/). A run:
+  load the frozen checkpoint (INITIAL_CHECKPOINT_PATH) -> add a prompt (initialiser) ->
+  resume the trainable state from MODEL_DIR if it has a checkpoint -> loop: prompt-only train
+  step on sharded batches; log; checkpoint; evaluate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prompt_tuning import checkpoints as checkpoints_lib
+from prompt_tuning import dataset as dataset_lib
+from prompt_tuning import decoding as decoding_lib
+from prompt_tuning import initializers
+from prompt_tuning import optimizers
+from prompt_tuning import partitioning
+from prompt_tuning import train_lib
+from prompt_tuning.config import T5Config
+from prompt_tuning.model import T5
+from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning.prompts import PromptConfig
+
+log = logging.getLogger("prompt_tuning")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptInit:
+  """How a fresh prompt is initialised (see `prompt_tuning.initializers`)."""
+
+  kind: str = "random_uniform"  # random_uniform | sampled_vocab | class_labels | from_string | from_file
+  labels: Sequence[str] | None = None  # class_labels: CLASS_LABELS (default: the task's labels)
+  text: str | None = None              # from_string
+  path: str | None = None              # from_file: PROMPT_FILE (.npy, extension-less, PEFT dir)
+  low: float = -0.5                    # random_uniform: the paper's U[-0.5, 0.5]
+  high: float = 0.5
+  population: int = 5000               # sampled_vocab / class_labels: first N vocabulary rows
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+  num_partitions: int | None = None
+  model_parallel_submesh: Sequence[int] | None = None
+  mesh_shape: Sequence[int] | None = None
+  parameter_partitioning_dims: int = 1
+
+  def create(self) -> partitioning.Partitioner:
+    return partitioning.Partitioner.create(
+        self.num_partitions, model_parallel_submesh=self.model_parallel_submesh,
+        mesh_shape=self.mesh_shape, parameter_partitioning_dims=self.parameter_partitioning_dims)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a train/eval/infer run builds before its loop."""
+
+  module: T5
+  model: EncoderDecoderModel
+  partitioner: partitioning.Partitioner
+  trainable: Any
+  frozen: Any
+  trainable_shardings: Any
+  frozen_shardings: Any
+  initial_checkpoint_path: str | None
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the model and its parameters
+
+def _targets_vocabulary(task_name: str | None, module=None):
+  if not task_name:
+    return None
+  task = dataset_lib.get_mixture_or_task(task_name, module)
+  tasks = getattr(task, "tasks", [task])
+  return tasks[0].output_features["targets"].vocabulary
+
+
+def default_class_labels(task_name: str | None, module=None) -> list[str] | None:
+  """The task's class labels, from the task library's registry, if it has them."""
+  if not task_name:
+    return None
+  try:
+    import tasks as tasks_lib  # the project's task library
+    fn = getattr(tasks_lib, "class_labels", None)
+    return list(fn(task_name)) if fn is not None else None
+  except Exception:  # unknown task in the label registry: the caller reports what to set
+    return None
+
+
+def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
+          initial_checkpoint_path: str | None, partition: PartitionConfig,
+          trainable_patterns: Sequence[str], task_feature_lengths: Mapping[str, int],
+          prompt_init: PromptInit, random_seed: int, frozen_param_dtype: str = "float32",
+          task_name: str | None = None, task_module=None, allow_random_init: bool = False,
+          model_kwargs: Mapping[str, Any] | None = None) -> Setup:
+  """Loads the frozen model, adds and initialises the prompt, splits and places the parameters."""
+  from prompt_tuning import pretrained
+  if initial_checkpoint_path:
+    loaded, params = pretrained.load_pretrained(initial_checkpoint_path, config=model_config)
+    config = loaded.config
+    if model_config is not None:
+      # Keep the user's runtime choices (dtype, dropout, remat) on the checkpoint's architecture.
+      config = config.replace(dtype=model_config.dtype, dropout_rate=model_config.dropout_rate,
+                              remat_policy=model_config.remat_policy)
+  elif allow_random_init:
+    if model_config is None:
+      raise ValueError("Random initialisation needs MODEL_CONFIG (include a gin/models/ file)")
+    config, params = model_config, None
+  else:
+    raise ValueError("No INITIAL_CHECKPOINT_PATH: set it to the frozen model to prompt-tune, e.g. "
+                     "--gin.INITIAL_CHECKPOINT_PATH=\"'gs://t5-data/pretrained_models/t5x/"
+                     "t5_1_1_lm100k_base/checkpoint_1100000'\" or an HF folder.")
+
+  module = T5(config, prompt=prompt_config)
+  rng = jax.random.PRNGKey(random_seed)
+  enc = jnp.ones((1, task_feature_lengths["inputs"]), jnp.int32)
+  dec = jnp.ones((1, task_feature_lengths["targets"]), jnp.int32)
+  boxed = jax.eval_shape(lambda: module.init(rng, enc, dec))["params"]
+  partitioner = partition.create()
+  shardings = partitioner.shardings_from_boxed(boxed)
+
+  if params is None:
+    params = nn.meta.unbox(jax.jit(module.init)(rng, enc, dec)["params"])
+  if prompt_config is not None:
+    embedding = np.asarray(params["token_embedder"]["embedding"], np.float32)
+    labels = prompt_init.labels
+    if prompt_init.kind == "class_labels" and not labels:
+      labels = default_class_labels(task_name, task_module)
+      if not labels:
+        raise ValueError(f"Class-label initialisation needs labels: set CLASS_LABELS (task "
+                         f"{task_name!r} has no default class labels)")
+    vocab = (_targets_vocabulary(task_name, task_module)
+             if prompt_init.kind in ("class_labels", "from_string") else None)
+    shape = (prompt_config.bank_size,) if prompt_config.bank_size else ()
+    rows = []
+    for i in range(prompt_config.bank_size or 1):
+      rows.append(initializers.initialize(
+          prompt_init.kind, jax.random.fold_in(rng, 1000 + i), length=prompt_config.length,
+          d_model=config.d_model, embedding=embedding, vocab=vocab, labels=labels,
+          text=prompt_init.text, path=prompt_init.path, low=prompt_init.low,
+          high=prompt_init.high, population=prompt_init.population))
+    prompt = np.stack(rows) if shape else rows[0]
+    params = initializers.set_prompt(params, prompt)
+  _check_tree(params, boxed)
+
+  trainable, frozen = optimizers.split_params(params, trainable_patterns)
+  trainable_sh, frozen_sh = optimizers.split_params(shardings, trainable_patterns)
+  frozen = optimizers.cast_floats(frozen, frozen_param_dtype)
+  trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+  trainable = partitioning.place(trainable, trainable_sh)
+  frozen = partitioning.place(frozen, frozen_sh)
+  model = EncoderDecoderModel(module, **dict(model_kwargs or {}))
+  return Setup(module, model, partitioner, trainable, frozen, trainable_sh, frozen_sh,
+               initial_checkpoint_path)
+
+
+def _check_tree(params, boxed) -> None:
+  import flax
+  want = {k: v.value.shape if hasattr(v, "value") else v.shape
+          for k, v in flax.traverse_util.flatten_dict(
+              boxed, is_leaf=lambda k, x: isinstance(x, nn.Partitioned), sep="/").items()}
+  have = {k: tuple(np.shape(v)) for k, v in
+          flax.traverse_util.flatten_dict(params, sep="/").items()}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: checkpoint {have[k]} vs model {tuple(want[k])}"
+               for k in sorted(set(want) & set(have)) if tuple(want[k]) != have[k]]
+  if problems:
+    raise ValueError("The parameters do not match the model:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+
+class MetricWriter:
+  """TensorBoard summaries plus a JSONL file (process 0 only)."""
+
+  def __init__(self, model_dir: str | os.PathLike, name: str):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    import tensorflow as tf
+    self._tf = tf
+    self.dir = pathlib.Path(model_dir) / name
+    self._writer = tf.summary.create_file_writer(str(self.dir))
+    self._jsonl = pathlib.Path(model_dir) / f"metrics_{name.replace('/', '_')}.jsonl"
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self._writer.as_default():
+      for k, v in scalars.items():
+        self._tf.summary.scalar(k, float(v), step=int(step))
+    self._writer.flush()
+    with open(self._jsonl, "a") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+
+def _fmt_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+def _decode_tokens(vocab, tokens_T: np.ndarray) -> str:
+  ids = []
+  for t in tokens_T.tolist():
+    if t == 1:
+      break
+    if t != 0:
+      ids.append(t)
+  return vocab.decode(ids)
+
+
+def _as_text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConfig, *,
+                   decoding_config: decoding_lib.DecodingConfig | None = None,
+                   max_examples: int | None = None, batch_size: int | None = None,
+                   return_predictions: bool = False) -> dict[str, Any]:
+  """Teacher-forced loss and the task's metrics on every task of a task or mixture."""
+  module, model, part = setup.module, setup.model, setup.partitioner
+  batch_size = batch_size or dataset_cfg.batch_size
+  eval_fn = jax.jit(lambda t, f, b: train_lib.eval_step(t, f, b, model=model))
+  results: dict[str, Any] = {}
+  for task_name in dataset_lib.task_names_for_eval(dataset_cfg.mixture_or_task_name,
+                                                   dataset_cfg.module):
+    ev = dataset_lib.load_eval_examples(task_name, dataset_cfg, max_examples=max_examples)
+    task = ev.task
+    vocab = task.output_features["targets"].vocabulary
+    cfg = decoding_config or decoding_lib.DecodingConfig(
+        max_decode_length=dataset_cfg.task_feature_lengths["targets"])
+    if cfg.method == "rank_classification" and cfg.candidate_targets is None:
+      labels = default_class_labels(task_name, dataset_cfg.module)
+      if not labels:
+        raise ValueError(f"Rank classification of {task_name!r} needs candidate labels")
+      cfg = dataclasses.replace(cfg, candidate_targets=tuple(
+          tuple(vocab.encode(l)) + (1,) for l in labels))
+    predict_fn = jax.jit(lambda t, f, b: decoding_lib.decode(
+        module, optimizers.merge_params(t, f), b, cfg)[0])
+    sums = {"loss": 0.0, "correct_tokens": 0.0, "target_tokens": 0.0}
+    predictions: list[str] = []
+    with part.activate():
+      for batch, rows in dataset_lib.batches_of(ev.features, batch_size):
+        sharded = part.shard_batch(batch)  # padded rows have no targets: they add nothing
+        out = jax.device_get(eval_fn(trainable, setup.frozen, sharded))
+        for k in sums:
+          sums[k] += float(out[k])
+        tokens = np.asarray(jax.device_get(predict_fn(trainable, setup.frozen, sharded)))
+        predictions += [_decode_tokens(vocab, tokens[i]) for i in range(rows)]
+    metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
+               "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
+               "examples": float(len(ev.examples)),
+               "truncated_examples": float(ev.truncated_examples)}
+    targets = [task.postprocess_fn(_as_text(ex.get("targets_pretokenized", b"")), example=ex,
+                                   is_target=True) for ex in ev.examples]
+    preds = [task.postprocess_fn(p, example=ex, is_target=False)
+             for p, ex in zip(predictions, ev.examples)]
+    for metric_fn in getattr(task, "predict_metric_fns", None) or []:
+      for k, v in metric_fn(targets, preds).items():
+        metrics[k] = float(getattr(v, "value", v))
+    if return_predictions:
+      metrics["_predictions"] = [
+          {"inputs": _as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,
+           "target": _as_text(ex.get("targets_pretokenized", b""))}
+          for p, ex in zip(predictions, ev.examples)]
+    results[task_name] = metrics
+    log.info("eval %s: %s", task_name, {k: round(v, 4) for k, v in metrics.items()
+                                        if not k.startswith("_")})
+  return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks: save a checkpoint, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_steps: int,
+          model_config: T5Config | None = None,
+          prompt_config: PromptConfig | None = PromptConfig(),
+          initial_checkpoint_path: str | None = None,
+          prompt_init: PromptInit = PromptInit(),
+          optimizer: Callable[[], optax.GradientTransformation] | optax.GradientTransformation
+          | None = None,
+          trainable_patterns: Sequence[str] = optimizers.PROMPT_PATTERNS,
+          partition: PartitionConfig = PartitionConfig(),
+          eval_dataset: dataset_lib.DatasetConfig | None = None,
+          eval_period: int = 1000, eval_max_examples: int | None = None,
+          decoding_config: decoding_lib.DecodingConfig | None = None,
+          checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
+          save_frozen: bool = False, num_microbatches: int = 1, random_seed: int = 42,
+          frozen_param_dtype: str = "float32", log_period: int = 10,
+          skip_nonfinite: bool = False, allow_random_init: bool = False,
+          model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
+  checkpoints_lib.check_writable(model_dir)
+  dataset_lib.import_modules(train_dataset.module)
+  setup = build(model_config=model_config, prompt_config=prompt_config,
+                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
+                trainable_patterns=trainable_patterns,
+                task_feature_lengths=train_dataset.task_feature_lengths,
+                prompt_init=prompt_init, random_seed=random_seed,
+                frozen_param_dtype=frozen_param_dtype,
+                task_name=train_dataset.mixture_or_task_name, task_module=train_dataset.module,
+                allow_random_init=allow_random_init, model_kwargs=model_kwargs)
+  task = dataset_lib.get_mixture_or_task(train_dataset.mixture_or_task_name, train_dataset.module)
+  for t in getattr(task, "tasks", [task]):
+    dataset_lib.check_vocabulary(t, setup.module.config.vocab_size)
+  if train_dataset.batch_size % setup.partitioner.data_parallel_size:
+    raise ValueError(f"BATCH_SIZE {train_dataset.batch_size} is not divisible by the "
+                     f"{setup.partitioner.data_parallel_size} data-parallel devices; use a "
+                     "multiple of it.")
+  if optimizer is None:
+    tx = optimizers.prompt_tuning_optimizer()
+  else:
+    tx = optimizer() if callable(optimizer) and not isinstance(
+        optimizer, optax.GradientTransformation) else optimizer
+
+  part = setup.partitioner
+  ckpt = checkpoints_lib.Checkpointer(model_dir, keep=keep_checkpoints, save_frozen=save_frozen)
+  with part.activate():
+    state = jax.jit(lambda t: train_lib.create_train_state(t, tx))(setup.trainable)
+  start_position = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, meta, _ = ckpt.restore(latest, abstract)
+    state = train_lib.TrainState(step=restored["step"], params=restored["params"],
+                                 opt_state=restored["opt_state"])
+    start_position = int(meta.get("data_position", int(state.step)))
+    if meta.get("initial_checkpoint_path") != initial_checkpoint_path:
+      log.warning("Resuming from a checkpoint trained on frozen model %r but "
+                  "INITIAL_CHECKPOINT_PATH is %r", meta.get("initial_checkpoint_path"),
+                  initial_checkpoint_path)
+    log.info("Resumed from %s at step %d", ckpt.directory / str(latest), int(state.step))
+  else:
+    log.info("No checkpoint in %s: starting from %s with a fresh prompt (%s)", model_dir,
+             initial_checkpoint_path or "random weights", prompt_init.kind)
+
+  batches = dataset_lib.TrainBatches(train_dataset, start_position=start_position,
+                                     shard_info=dataset_lib.host_shard())
+  step_fn = train_lib.jit_train_step(setup.model, tx, num_microbatches=num_microbatches,
+                                     skip_nonfinite=skip_nonfinite)
+  rng = jax.random.PRNGKey(random_seed)
+  writer = MetricWriter(model_dir, "train")
+  eval_writer = MetricWriter(model_dir, "eval")
+  n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.frozen))
+  log.info("Trainable parameters: %d; frozen: %d", n_trainable, n_frozen)
+
+  metadata = lambda: {
+      "data_position": batches.position, "initial_checkpoint_path": initial_checkpoint_path,
+      "model_config": setup.module.config.to_dict(),
+      "prompt_config": dataclasses.asdict(prompt_config) if prompt_config else None,
+      "trainable_patterns": list(trainable_patterns),
+      "mixture_or_task_name": train_dataset.mixture_or_task_name,
+      "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples}
+
+  def save(step):
+    ckpt.save(step, state, metadata(), frozen=setup.frozen if save_frozen else None)
+    log.info("Saved checkpoint %d to %s", step, ckpt.directory)
+
+  step = int(state.step)
+  last_saved = latest
+  final_eval: dict[str, Any] = {}
+  t_start = time.time()
+  t_window, window_steps = time.time(), 0
+  with _Preemption() as preemption, part.activate():
+    while step < train_steps:
+      batch = part.shard_batch(next(batches))
+      state, metrics = step_fn(state, setup.frozen, batch, rng)
+      step += 1
+      window_steps += 1
+      if not bool(metrics["finite"]):
+        if not skip_nonfinite:
+          raise NonFiniteLossError(
+              f"Non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}). "
+              f"Nothing was saved after step {last_saved}; the last good checkpoint is kept. "
+              "Lower the learning rate, check the data, or set skip_nonfinite=True "
+              "(--gin.train.skip_nonfinite=True) to skip such batches.")
+        log.warning("Skipped a non-finite batch at step %d", step)
+      if step % log_period == 0 or step == train_steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        rate = window_steps / max(now - t_window, 1e-9)
+        t_window, window_steps = now, 0
+        eta = (train_steps - step) / max(rate, 1e-9)
+        m["steps_per_sec"] = rate
+        m["truncated_examples"] = batches.truncated_examples
+        log.info("step %d/%d loss %.4f acc %.3f %.2f steps/s ETA %s truncated %d", step,
+                 train_steps, m["loss"], m["accuracy"], rate, _fmt_seconds(eta),
+                 batches.truncated_examples)
+        writer.write(step, m)
+      if preemption.requested:
+        log.warning("SIGTERM: saving step %d before exiting", step)
+        save(step)
+        ckpt.close()
+        return {"preempted_at": step}
+      if step % checkpoint_period == 0 or step == train_steps:
+        save(step)
+        last_saved = step
+      if eval_dataset is not None and (step % eval_period == 0 or step == train_steps):
+        final_eval = evaluate_tasks(setup, state.params, eval_dataset,
+                                    decoding_config=decoding_config,
+                                    max_examples=eval_max_examples)
+        for task_name, m in final_eval.items():
+          eval_writer.write(step, {f"{task_name}/{k}": v for k, v in m.items()
+                                   if not k.startswith("_")})
+  if batches.truncated_examples:
+    log.warning("%d of %d training examples were longer than TASK_FEATURE_LENGTHS and were "
+                "truncated", batches.truncated_examples, batches.examples)
+  ckpt.close()
+  return {"step": step, "eval": final_eval, "seconds": time.time() - t_start,
+          "trainable_params": n_trainable, "frozen_params": n_frozen,
+          "truncated_examples": batches.truncated_examples}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and inference of a trained (or released) prompt
+
+def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int | None):
+  """The trainable parameters from MODEL_DIR's checkpoint (latest or a given step)."""
+  if not model_dir:
+    return setup.trainable, None
+  ckpt_dir = pathlib.Path(model_dir) / "checkpoints"
+  if not ckpt_dir.exists():
+    return setup.trainable, None
+  ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
+  step = checkpoint_step if checkpoint_step is not None else ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    return setup.trainable, None
+  if step not in ckpt.all_steps():
+    raise ValueError(f"No checkpoint {step} in {ckpt_dir}; available: {ckpt.all_steps()}")
+  meta = ckpt.read_metadata(step)
+  import orbax.checkpoint as ocp
+  # Restore without a target (the optimizer that wrote it may differ); keep only the parameters.
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+  if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(setup.trainable):
+    raise ValueError(f"Checkpoint {ckpt_dir / str(step)} holds trainable parameters "
+                     f"{jax.tree_util.tree_structure(params)} but this run expects "
+                     f"{jax.tree_util.tree_structure(setup.trainable)} (different PROMPT_LENGTH "
+                     "or trainable patterns?)")
+  log.info("Restored the trainable parameters from %s step %d", ckpt_dir, step)
+  return partitioning.place(params, setup.trainable_shardings), {"step": step, **meta}
+
+
+def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None = None,
+             model_config: T5Config | None = None,
+             prompt_config: PromptConfig | None = PromptConfig(),
+             initial_checkpoint_path: str | None = None, prompt_init: PromptInit = PromptInit(),
+             trainable_patterns: Sequence[str] = optimizers.PROMPT_PATTERNS,
+             partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
+             decoding_config: decoding_lib.DecodingConfig | None = None,
+             max_examples: int | None = None, random_seed: int = 42,
+             output_path: str | None = None) -> dict[str, Any]:
+  """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
+  setup = build(model_config=model_config, prompt_config=prompt_config,
+                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
+                trainable_patterns=trainable_patterns,
+                task_feature_lengths=eval_dataset.task_feature_lengths, prompt_init=prompt_init,
+                random_seed=random_seed, task_name=eval_dataset.mixture_or_task_name,
+                task_module=eval_dataset.module)
+  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
+  if meta is None and prompt_config is not None and prompt_init.kind != "from_file":
+    log.warning("Evaluating a freshly initialised prompt (%s): no checkpoint in MODEL_DIR and "
+                "no PROMPT_FILE", prompt_init.kind)
+  results = evaluate_tasks(setup, trainable, eval_dataset, decoding_config=decoding_config,
+                           max_examples=max_examples)
+  out = {"checkpoint_step": None if meta is None else meta["step"], "results": results}
+  if output_path or model_dir:
+    path = pathlib.Path(output_path or pathlib.Path(model_dir) / "eval_results.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+  return out
+
+
+def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str | None = None,
+          model_config: T5Config | None = None,
+          prompt_config: PromptConfig | None = PromptConfig(),
+          initial_checkpoint_path: str | None = None, prompt_init: PromptInit = PromptInit(),
+          trainable_patterns: Sequence[str] = optimizers.PROMPT_PATTERNS,
+          partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
+          decoding_config: decoding_lib.DecodingConfig | None = None,
+          max_examples: int | None = None, random_seed: int = 42) -> list[pathlib.Path]:
+  """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
+  setup = build(model_config=model_config, prompt_config=prompt_config,
+                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
+                trainable_patterns=trainable_patterns,
+                task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
+                random_seed=random_seed, task_name=dataset.mixture_or_task_name,
+                task_module=dataset.module)
+  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
+  results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
+                           max_examples=max_examples, return_predictions=True)
+  out_dir = pathlib.Path(output_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  step = "init" if meta is None else meta["step"]
+  paths = []
+  for task_name, m in results.items():
+    path = out_dir / f"{task_name}-{step}.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+      for row in m["_predictions"]:
+        f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    paths.append(path)
+    log.info("Wrote %d predictions to %s", len(m["_predictions"]), path)
+  return paths
+
+
+def configure_logging() -> None:
+  logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                      format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+__all__ = ["PromptInit", "PartitionConfig", "train", "evaluate", "infer", "evaluate_tasks",
+           "build", "NonFiniteLossError"]
