@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "linear")
+_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_exact", "silu", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,8 @@ class T5Config:
       act = ff[len("gated-"):]
       activations = (act, "linear")
     else:
-      activations = (ff,)
+      # HF's plain "gelu" is the exact (erf) GELU; its gated variant uses the tanh approximation.
+      activations = ("gelu_exact",) if ff == "gelu" else (ff,)
     tied = d.get("tie_word_embeddings", True)
     if "scale_decoder_outputs" in d:
       tied = bool(d["scale_decoder_outputs"])
@@ -119,7 +120,8 @@ class T5Config:
     if len(self.mlp_activations) == 2:
       ff = "gated-" + self.mlp_activations[0]
     else:
-      ff = self.mlp_activations[0]
+      ff = {"gelu_exact": "gelu", "gelu": "gelu_new"}.get(self.mlp_activations[0],
+                                                          self.mlp_activations[0])
     return {
         "model_type": "t5",
         "architectures": ["T5ForConditionalGeneration"],

@@ -37,6 +37,8 @@ def _activation(name: str) -> Callable:
     return jax.nn.relu
   if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
     return functools.partial(jax.nn.gelu, approximate=True)
+  if name == "gelu_exact":
+    return functools.partial(jax.nn.gelu, approximate=False)
   if name == "silu":
     return jax.nn.silu
   if name == "linear":

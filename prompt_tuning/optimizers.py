@@ -7,7 +7,7 @@ the optimizer is only ever given the trainable subtree.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import jax
@@ -104,13 +104,22 @@ def adafactor(learning_rate: float | optax.Schedule = 0.3, *, decay_rate: float 
   return optax.chain(*parts)
 
 
+class ScheduledOptimizer(NamedTuple):
+  """An optax transformation that also exposes its learning-rate schedule (for logging)."""
+
+  init: Callable
+  update: Callable
+  schedule: optax.Schedule
+
+
 def prompt_tuning_optimizer(learning_rate: float = 0.3, *, schedule_kind: str = "constant",
                             warmup_steps: int = 0, total_steps: int | None = None,
-                            **adafactor_kwargs) -> optax.GradientTransformation:
+                            **adafactor_kwargs) -> ScheduledOptimizer:
   """The paper's defaults (constant LR 0.3); schedule options for experiments."""
   lr = schedule(learning_rate, kind=schedule_kind, warmup_steps=warmup_steps,
                 total_steps=total_steps)
-  return adafactor(lr, **adafactor_kwargs)
+  tx = adafactor(lr, **adafactor_kwargs)
+  return ScheduledOptimizer(tx.init, tx.update, lr)
 
 
 def model_tuning_optimizer(learning_rate: float = 1e-3, **kwargs) -> optax.GradientTransformation:

@@ -95,9 +95,11 @@ class Partitioner:
   def create(cls, num_partitions: int | None = None, *,
              model_parallel_submesh: Sequence[int] | None = None,
              mesh_shape: Sequence[int] | None = None,
-             parameter_partitioning_dims: int = 1) -> "Partitioner":
+             parameter_partitioning_dims: int = 1,
+             num_devices: int | None = None) -> "Partitioner":
+    devices = None if num_devices is None else jax.devices()[:num_devices]
     mesh = make_mesh(num_partitions, model_parallel_submesh=model_parallel_submesh,
-                     mesh_shape=mesh_shape)
+                     mesh_shape=mesh_shape, devices=devices)
     return cls(mesh, standard_logical_axis_rules(parameter_partitioning_dims))
 
   @property

@@ -61,11 +61,13 @@ class PartitionConfig:
   model_parallel_submesh: Sequence[int] | None = None
   mesh_shape: Sequence[int] | None = None
   parameter_partitioning_dims: int = 1
+  num_devices: int | None = None  # use only the first N devices (default: all)
 
   def create(self) -> partitioning.Partitioner:
     return partitioning.Partitioner.create(
         self.num_partitions, model_parallel_submesh=self.model_parallel_submesh,
-        mesh_shape=self.mesh_shape, parameter_partitioning_dims=self.parameter_partitioning_dims)
+        mesh_shape=self.mesh_shape, parameter_partitioning_dims=self.parameter_partitioning_dims,
+        num_devices=self.num_devices)
 
 
 @dataclasses.dataclass
@@ -84,6 +86,14 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------------
 # Building the model and its parameters
+
+def _check_required(**values) -> None:
+  """gin passes `%gin.REQUIRED` macros that nobody set as a bare sentinel object."""
+  for name, value in values.items():
+    if type(value) is object:  # pylint: disable=unidiomatic-typecheck
+      raise ValueError(f"{name} is required: pass --gin.{name}=... (strings need inner quotes, "
+                       f"e.g. --gin.{name}=\"'value'\")")
+
 
 def _targets_vocabulary(task_name: str | None, module=None):
   if not task_name:
@@ -336,6 +346,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           skip_nonfinite: bool = False, allow_random_init: bool = False,
           model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
+  _check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
+                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   checkpoints_lib.check_writable(model_dir)
   dataset_lib.import_modules(train_dataset.module)
   setup = build(model_config=model_config, prompt_config=prompt_config,
@@ -355,9 +367,11 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                      "multiple of it.")
   if optimizer is None:
     tx = optimizers.prompt_tuning_optimizer()
-  else:
-    tx = optimizer() if callable(optimizer) and not isinstance(
-        optimizer, optax.GradientTransformation) else optimizer
+  elif hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+    tx = optimizer
+  else:  # a factory, e.g. gin's @optimizers.prompt_tuning_optimizer
+    tx = optimizer()
+  learning_rate_fn = getattr(tx, "schedule", None)
 
   part = setup.partitioner
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=keep_checkpoints, save_frozen=save_frozen)
@@ -384,7 +398,9 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   batches = dataset_lib.TrainBatches(train_dataset, start_position=start_position,
                                      shard_info=dataset_lib.host_shard())
   step_fn = train_lib.jit_train_step(setup.model, tx, num_microbatches=num_microbatches,
-                                     skip_nonfinite=skip_nonfinite)
+                                     skip_nonfinite=skip_nonfinite,
+                                     learning_rate_fn=learning_rate_fn)
+  tokens_per_step = train_dataset.batch_size * sum(train_dataset.task_feature_lengths.values())
   rng = jax.random.PRNGKey(random_seed)
   writer = MetricWriter(model_dir, "train")
   eval_writer = MetricWriter(model_dir, "eval")
@@ -430,6 +446,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
         t_window, window_steps = now, 0
         eta = (train_steps - step) / max(rate, 1e-9)
         m["steps_per_sec"] = rate
+        m["tokens_per_sec"] = rate * tokens_per_step  # padded input + target tokens
         m["truncated_examples"] = batches.truncated_examples
         log.info("step %d/%d loss %.4f acc %.3f %.2f steps/s ETA %s truncated %d", step,
                  train_steps, m["loss"], m["accuracy"], rate, _fmt_seconds(eta),
@@ -501,6 +518,8 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              max_examples: int | None = None, random_seed: int = 42,
              output_path: str | None = None) -> dict[str, Any]:
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
+  _check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
+                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup = build(model_config=model_config, prompt_config=prompt_config,
                 initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                 trainable_patterns=trainable_patterns,
@@ -530,6 +549,8 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           decoding_config: decoding_lib.DecodingConfig | None = None,
           max_examples: int | None = None, random_seed: int = 42) -> list[pathlib.Path]:
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
+  _check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
+                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup = build(model_config=model_config, prompt_config=prompt_config,
                 initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                 trainable_patterns=trainable_patterns,

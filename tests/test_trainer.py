@@ -1,0 +1,248 @@
+"""The trainer through its command lines: train -> checkpoint -> resume -> eval -> infer, resume
+exactness after SIGKILL, SIGTERM, sharded and multi-process runs, and the errors users hit."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import pytest
+
+from prompt_tuning import T5
+from prompt_tuning import eval as eval_main
+from prompt_tuning import infer as infer_main
+from prompt_tuning import pretrained
+from prompt_tuning import train as train_main
+from tests.conftest import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROMPT_LENGTH = 4
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoint(tmp_path_factory):
+  """A tiny random byte-vocabulary T5 saved in this project's format (stands in for a real one)."""
+  cfg = tiny_config(vocab_size=384)
+  model = T5(cfg)
+  x = np.ones((1, 8), np.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+  path = tmp_path_factory.mktemp("frozen") / "tiny_t5"
+  pretrained.save_pretrained(path, model, params)
+  return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _flags(model_dir, checkpoint, *extra, steps=6):
+  return [
+      "--gin_file=models/from_checkpoint.gin",
+      "--gin_file=runs/prompt_finetune.gin",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'",
+      "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+      f"--gin.TRAIN_STEPS={steps}",
+      "--gin.BATCH_SIZE=8",
+      "--gin.EVAL_BATCH_SIZE=8",
+      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}",
+      "--gin.CHECKPOINT_PERIOD=3",
+      "--gin.EVAL_PERIOD=1000",
+      "--gin.EVAL_MAX_EXAMPLES=8",
+      "--gin.DROPOUT_RATE=0.0",
+      "--gin.trainer.train.log_period=1",
+      *extra,
+  ]
+
+
+def _final_prompt(model_dir, step):
+  return np.load(pathlib.Path(model_dir) / "numpy_checkpoints" / f"checkpoint_{step}" /
+                 "encoder.prompt.prompt.npy")
+
+
+def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
+  model_dir = tmp_path / "run"
+  result = train_main.main(_flags(model_dir, frozen_checkpoint, steps=3))
+  assert result["step"] == 3
+  assert result["trainable_params"] == PROMPT_LENGTH * 16
+  assert (model_dir / "checkpoints" / "3").is_dir()
+  assert _final_prompt(model_dir, 3).shape == (PROMPT_LENGTH, 16)
+  assert list((model_dir / "train").glob("events.out.tfevents.*"))
+  lines = (model_dir / "metrics_train.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+  assert {"loss", "steps_per_sec", "learning_rate", "tokens_per_sec"} <= set(json.loads(lines[0]))
+
+  gin.clear_config()  # resume: same command, more steps; continues from step 3
+  result = train_main.main(_flags(model_dir, frozen_checkpoint, steps=6))
+  assert result["step"] == 6
+  assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()) == [3, 6]
+  meta = json.loads((model_dir / "checkpoints" / "6" / "metadata" / "metadata").read_text())
+  assert meta["data_position"] == 6 and meta["initial_checkpoint_path"] == frozen_checkpoint
+
+  gin.clear_config()
+  out = eval_main.main([
+      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.EVAL_BATCH_SIZE=8",
+      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.EVAL_MAX_EXAMPLES=8"])
+  assert out["checkpoint_step"] == 6
+  metrics = out["results"]["demo_taskless_last"]
+  assert 0.0 <= metrics["exact_match"] <= 1.0 and np.isfinite(metrics["loss"])
+  assert (model_dir / "eval_results.json").exists()
+
+  gin.clear_config()
+  paths = infer_main.main([
+      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_infer.gin",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
+      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.INFER_MAX_EXAMPLES=5",
+      f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'"])
+  rows = [json.loads(l) for l in pathlib.Path(paths[0]).read_text().splitlines()]
+  assert len(rows) == 5 and {"inputs", "prediction", "target"} <= set(rows[0])
+
+
+def test_sharded_run_matches_single_device(tmp_path, frozen_checkpoint):
+  """Mesh data 4 x model 2 over 8 simulated devices trains the same prompt as 1 device."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  train_main.main(_flags(tmp_path / "one", frozen_checkpoint,
+                         "--gin.trainer.PartitionConfig.mesh_shape=(1, 1)", steps=3)
+                  + ["--gin.trainer.PartitionConfig.num_devices=1"])
+  gin.clear_config()
+  train_main.main(_flags(tmp_path / "eight", frozen_checkpoint,
+                         "--gin.trainer.PartitionConfig.mesh_shape=(4, 2)",
+                         "--gin.trainer.PartitionConfig.parameter_partitioning_dims=2", steps=3))
+  np.testing.assert_allclose(_final_prompt(tmp_path / "eight", 3),
+                             _final_prompt(tmp_path / "one", 3), atol=1e-5)
+
+
+def _subprocess_env(devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env["PYTHONPATH"] = str(REPO)
+  return env
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_checkpoint):
+  steps = 12
+  cmd = [sys.executable, "-m", "prompt_tuning.train",
+         *_flags(tmp_path / "killed", frozen_checkpoint, steps=steps)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(8), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  marker = tmp_path / "killed" / "checkpoints" / "3" / "commit_success.txt"
+  deadline = time.time() + 240
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert marker.exists(), "the run never wrote its first checkpoint"
+
+  train_main.main(_flags(tmp_path / "killed", frozen_checkpoint, steps=steps))
+  gin.clear_config()
+  train_main.main(_flags(tmp_path / "straight", frozen_checkpoint, steps=steps))
+  resumed = _final_prompt(tmp_path / "killed", steps)
+  straight = _final_prompt(tmp_path / "straight", steps)
+  assert resumed.tobytes() == straight.tobytes()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits_cleanly(tmp_path, frozen_checkpoint):
+  model_dir = tmp_path / "term"
+  cmd = [sys.executable, "-m", "prompt_tuning.train",
+         *_flags(model_dir, frozen_checkpoint, "--gin.CHECKPOINT_PERIOD=100000", steps=100000)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  seen = []
+  for line in proc.stdout:  # wait until training is under way
+    seen.append(line)
+    if "step 5/" in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, "".join(seen) + rest
+  steps = [int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 5
+  assert "preempted_at" in rest
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
+  """jax.distributed on localhost: 2 processes x 2 CPU devices train and save collectively."""
+  port = _free_port()
+  model_dir = tmp_path / "multi"
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "prompt_tuning.train",
+           f"--coordinator_address=127.0.0.1:{port}", "--process_count=2",
+           f"--process_index={i}", *_flags(model_dir, frozen_checkpoint, steps=3)]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(2),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert (model_dir / "checkpoints" / "3").is_dir()
+  # One process alone restores what the pair saved, and evaluates it.
+  out = eval_main.main([
+      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.EVAL_BATCH_SIZE=8",
+      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.EVAL_MAX_EXAMPLES=8"])
+  assert out["checkpoint_step"] == 3
+  np.testing.assert_equal(_final_prompt(model_dir, 3).shape, (PROMPT_LENGTH, 16))
+
+
+# --- Errors users hit ---------------------------------------------------------------------------
+
+def test_unknown_task_suggests_close_names(tmp_path, frozen_checkpoint):
+  flags = _flags(tmp_path / "x", frozen_checkpoint)
+  flags = [f for f in flags if "MIXTURE_OR_TASK_NAME" not in f]
+  with pytest.raises(ValueError, match="demo_taskless_last"):
+    train_main.main(flags + ["--gin.MIXTURE_OR_TASK_NAME='demo_taskless_lst'"])
+
+
+def test_bad_gin_binding_is_named(tmp_path, frozen_checkpoint):
+  with pytest.raises(ValueError, match="NOT_A_MACRO|trainer.train.no_such_arg"):
+    train_main.main(_flags(tmp_path / "x", frozen_checkpoint,
+                           "--gin.trainer.train.no_such_arg=3"))
+
+
+def test_missing_model_dir_is_a_clear_error(frozen_checkpoint):
+  flags = [f for f in _flags("unused", frozen_checkpoint) if "MODEL_DIR" not in f]
+  with pytest.raises(ValueError, match="MODEL_DIR"):
+    train_main.main(flags)
+
+
+def test_unwritable_model_dir(tmp_path, frozen_checkpoint):
+  blocked = tmp_path / "file"
+  blocked.write_text("not a folder")
+  with pytest.raises(ValueError, match="not writable"):
+    train_main.main(_flags(blocked / "run", frozen_checkpoint))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+    train_main.main(_flags(tmp_path / "x", str(tmp_path / "nowhere")))
