@@ -2,7 +2,8 @@
 the frozen checkpoint, so the frozen model is not copied into every checkpoint.
 
 Layout of MODEL_DIR:
-  checkpoints/<step>/state/      orbax PyTree: {"step", "params" (trainable), "opt_state"}
+  checkpoints/<step>/params/     orbax PyTree: the trainable parameters (the prompt)
+  checkpoints/<step>/state/      orbax PyTree: {"step", "opt_state"}
   checkpoints/<step>/metadata/   JSON: data position, INITIAL_CHECKPOINT_PATH, configs
   checkpoints/<step>/frozen/     only with save_frozen=True: every frozen parameter
   numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.npy   the prompt, for other tools
@@ -36,7 +37,7 @@ class Checkpointer:
     self.model_dir = pathlib.Path(model_dir)
     self.directory = self.model_dir / "checkpoints"
     self.save_frozen = save_frozen
-    items = ("state", "metadata") + (("frozen",) if save_frozen else ())
+    items = ("params", "state", "metadata") + (("frozen",) if save_frozen else ())
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
@@ -49,7 +50,8 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, metadata: dict, frozen: Any = None) -> None:
-    args = {"state": ocp.args.StandardSave(_state_tree(state)),
+    args = {"params": ocp.args.StandardSave(state.params),
+            "state": ocp.args.StandardSave(_state_tree(state)),
             "metadata": ocp.args.JsonSave({**metadata, "format_version": FORMAT_VERSION,
                                            "step": int(step)})}
     if self.save_frozen:
@@ -60,14 +62,16 @@ class Checkpointer:
 
   def _export_numpy(self, step: int, trainable: Any) -> None:
     """Writes each prompt variable as `<dotted path>.npy` (banks too; other weights are not)."""
+    from prompt_tuning import partitioning  # gathering is collective: every process takes part
+    arrays = {path: partitioning.to_host(leaf) for path, leaf in
+              flax.traverse_util.flatten_dict(trainable, sep=".").items()
+              if path.startswith("encoder.prompt.")}
     if jax.process_index() != 0:
       return
     out = self.model_dir / "numpy_checkpoints" / f"checkpoint_{int(step)}"
-    for path, leaf in flax.traverse_util.flatten_dict(trainable, sep=".").items():
-      if not path.startswith("encoder.prompt."):
-        continue
+    for path, array in arrays.items():
       out.mkdir(parents=True, exist_ok=True)
-      array = np.asarray(jax.device_get(leaf), np.float32)
+      array = array.astype(np.float32)
       if array.ndim == 2:
         prompt_io.save_prompt_npy(out / f"{path}.npy", array)
       else:  # a prompt bank [N, P, D]
@@ -78,7 +82,8 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, abstract_frozen: Any = None):
     """Returns `(state tree dict, metadata, frozen or None)` restored onto the given shardings."""
-    args = {"state": ocp.args.StandardRestore(_state_tree(abstract_state)),
+    args = {"params": ocp.args.StandardRestore(abstract_state.params),
+            "state": ocp.args.StandardRestore(_state_tree(abstract_state)),
             "metadata": ocp.args.JsonRestore()}
     if self.save_frozen and abstract_frozen is not None:
       args["frozen"] = ocp.args.StandardRestore(abstract_frozen)
@@ -90,7 +95,17 @@ class Checkpointer:
           "is corrupted, move it aside and the run resumes from the previous one "
           f"(available: {self.all_steps()}).") from e
     frozen = restored.get("frozen") if self.save_frozen else None
-    return restored["state"], restored["metadata"], frozen
+    return {**restored["state"], "params": restored["params"]}, restored["metadata"], frozen
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the trainable parameters (e.g. for eval), onto the given shardings."""
+    try:
+      restored = self.manager.restore(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+    except Exception as e:
+      raise ValueError(f"Checkpoint {self.directory / str(step)} does not hold this run's "
+                       f"trainable parameters ({e}). A different PROMPT_LENGTH or model?") from e
+    return restored["params"]
 
   def read_metadata(self, step: int) -> dict:
     path = self.directory / str(int(step)) / "metadata" / "metadata"
@@ -104,7 +119,7 @@ class Checkpointer:
 
 
 def _state_tree(state) -> dict:
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  return {"step": state.step, "opt_state": state.opt_state}
 
 
 def check_writable(model_dir: str | os.PathLike) -> None:

@@ -146,6 +146,30 @@ class Partitioner:
     return out
 
 
+def host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's contiguous share of a global batch that every host holds in full."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  out = {}
+  for k, v in batch.items():
+    if v.shape[0] % n:
+      raise ValueError(f"Batch size {v.shape[0]} is not divisible by the {n} processes")
+    per = v.shape[0] // n
+    out[k] = v[i * per:(i + 1) * per]
+  return out
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as numpy on every process (gathering shards from other hosts if needed)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def place(tree, shardings):
   """`jax.device_put` of a tree onto matching shardings (host numpy or device arrays)."""
   return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)

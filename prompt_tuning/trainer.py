@@ -274,11 +274,12 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
     predictions: list[str] = []
     with part.activate():
       for batch, rows in dataset_lib.batches_of(ev.features, batch_size):
-        sharded = part.shard_batch(batch)  # padded rows have no targets: they add nothing
-        out = jax.device_get(eval_fn(trainable, setup.frozen, sharded))
+        # Padded rows have no targets, so they add nothing to the sums.
+        sharded = part.shard_batch(partitioning.host_rows(batch))
+        out = eval_fn(trainable, setup.frozen, sharded)
         for k in sums:
-          sums[k] += float(out[k])
-        tokens = np.asarray(jax.device_get(predict_fn(trainable, setup.frozen, sharded)))
+          sums[k] += float(partitioning.to_host(out[k]))
+        tokens = partitioning.to_host(predict_fn(trainable, setup.frozen, sharded))
         predictions += [_decode_tokens(vocab, tokens[i]) for i in range(rows)]
     metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
                "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
@@ -431,16 +432,17 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       state, metrics = step_fn(state, setup.frozen, batch, rng)
       step += 1
       window_steps += 1
-      if not bool(metrics["finite"]):
+      if not bool(partitioning.to_host(metrics["finite"])):
         if not skip_nonfinite:
           raise NonFiniteLossError(
-              f"Non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}). "
+              f"Non-finite loss or gradient at step {step} "
+              f"(loss={float(partitioning.to_host(metrics['loss']))}). "
               f"Nothing was saved after step {last_saved}; the last good checkpoint is kept. "
               "Lower the learning rate, check the data, or set skip_nonfinite=True "
               "(--gin.train.skip_nonfinite=True) to skip such batches.")
         log.warning("Skipped a non-finite batch at step %d", step)
       if step % log_period == 0 or step == train_steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m = {k: float(partitioning.to_host(v)) for k, v in metrics.items()}
         now = time.time()
         rate = window_steps / max(now - t_window, 1e-9)
         t_window, window_steps = now, 0
@@ -495,17 +497,14 @@ def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int
     raise ValueError(f"No checkpoint {step} in {ckpt_dir}; available: {ckpt.all_steps()}")
   meta = ckpt.read_metadata(step)
   import orbax.checkpoint as ocp
-  # Restore without a target (the optimizer that wrote it may differ); keep only the parameters.
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  ckpt.close()
-  params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
-  if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(setup.trainable):
-    raise ValueError(f"Checkpoint {ckpt_dir / str(step)} holds trainable parameters "
-                     f"{jax.tree_util.tree_structure(params)} but this run expects "
-                     f"{jax.tree_util.tree_structure(setup.trainable)} (different PROMPT_LENGTH "
-                     "or trainable patterns?)")
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.trainable)
+  try:
+    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
   log.info("Restored the trainable parameters from %s step %d", ckpt_dir, step)
-  return partitioning.place(params, setup.trainable_shardings), {"step": step, **meta}
+  return params, {"step": step, **meta}
 
 
 def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None = None,
