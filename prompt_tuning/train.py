@@ -17,7 +17,8 @@ def main(argv=None) -> dict:
   train = gin.configurable(trainer.train, module="prompt_tuning.trainer")
   gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
   result = gin_utils.call_configured(train)
-  print(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
+  print(json.dumps({k: v for k, v in result.items() if k not in ("eval", "initial_eval")},
+                   default=float))
   return result
 
 

@@ -345,6 +345,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           save_frozen: bool = False, num_microbatches: int = 1, random_seed: int = 42,
           frozen_param_dtype: str = "float32", log_period: int = 10,
           skip_nonfinite: bool = False, allow_random_init: bool = False,
+          eval_at_start: bool = False,
           model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
   _check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
@@ -424,6 +425,18 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   step = int(state.step)
   last_saved = latest
   final_eval: dict[str, Any] = {}
+  initial_eval: dict[str, Any] = {}
+
+  def run_eval(at_step):
+    results = evaluate_tasks(setup, state.params, eval_dataset, decoding_config=decoding_config,
+                             max_examples=eval_max_examples)
+    for task_name, m in results.items():
+      eval_writer.write(at_step, {f"{task_name}/{k}": v for k, v in m.items()
+                                  if not k.startswith("_")})
+    return results
+
+  if eval_dataset is not None and eval_at_start and latest is None:
+    initial_eval = run_eval(step)
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   with _Preemption() as preemption, part.activate():
@@ -463,17 +476,13 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
         save(step)
         last_saved = step
       if eval_dataset is not None and (step % eval_period == 0 or step == train_steps):
-        final_eval = evaluate_tasks(setup, state.params, eval_dataset,
-                                    decoding_config=decoding_config,
-                                    max_examples=eval_max_examples)
-        for task_name, m in final_eval.items():
-          eval_writer.write(step, {f"{task_name}/{k}": v for k, v in m.items()
-                                   if not k.startswith("_")})
+        final_eval = run_eval(step)
   if batches.truncated_examples:
     log.warning("%d of %d training examples were longer than TASK_FEATURE_LENGTHS and were "
                 "truncated", batches.truncated_examples, batches.examples)
   ckpt.close()
-  return {"step": step, "eval": final_eval, "seconds": time.time() - t_start,
+  return {"step": step, "eval": final_eval, "initial_eval": initial_eval,
+          "seconds": time.time() - t_start,
           "trainable_params": n_trainable, "frozen_params": n_frozen,
           "truncated_examples": batches.truncated_examples}
 
