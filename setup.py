@@ -49,7 +49,12 @@ setuptools.setup(
     # The top-level gin/ folder ships as the package `prompt_tuning.gin`, so that
     # `--gin_file=runs/prompt_finetune.gin` resolves after a non-editable `pip install .` too.
     package_dir={"prompt_tuning.gin": "gin"},
-    package_data={"prompt_tuning.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    package_data={
+        "prompt_tuning.gin": ["*.gin", "*/*.gin", "*/*/*.gin"],
+        # The demo's bundled frozen model (an orbax checkpoint, about 4 MB).
+        "prompt_tuning.demo": ["frozen_model/*", "frozen_model/*/*", "frozen_model/*/*/*",
+                               "frozen_model/*/*/*/*"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )
