@@ -67,6 +67,9 @@ def _flags(model_dir, checkpoint, *extra, steps=6):
   ]
 
 
+NO_EVAL = "--gin.trainer.train.eval_dataset=None"  # tests of training mechanics skip decoding
+
+
 def _final_prompt(model_dir, step):
   return np.load(pathlib.Path(model_dir) / "numpy_checkpoints" / f"checkpoint_{step}" /
                  "encoder.prompt.prompt.npy")
@@ -119,11 +122,11 @@ def test_sharded_run_matches_single_device(tmp_path, frozen_checkpoint):
   """Mesh data 4 x model 2 over 8 simulated devices trains the same prompt as 1 device."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices")
-  train_main.main(_flags(tmp_path / "one", frozen_checkpoint,
+  train_main.main(_flags(tmp_path / "one", frozen_checkpoint, NO_EVAL,
                          "--gin.trainer.PartitionConfig.mesh_shape=(1, 1)", steps=3)
                   + ["--gin.trainer.PartitionConfig.num_devices=1"])
   gin.clear_config()
-  train_main.main(_flags(tmp_path / "eight", frozen_checkpoint,
+  train_main.main(_flags(tmp_path / "eight", frozen_checkpoint, NO_EVAL,
                          "--gin.trainer.PartitionConfig.mesh_shape=(4, 2)",
                          "--gin.trainer.PartitionConfig.parameter_partitioning_dims=2", steps=3))
   np.testing.assert_allclose(_final_prompt(tmp_path / "eight", 3),
@@ -142,20 +145,22 @@ def _subprocess_env(devices=1):
 def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_checkpoint):
   steps = 12
   cmd = [sys.executable, "-m", "prompt_tuning.train",
-         *_flags(tmp_path / "killed", frozen_checkpoint, steps=steps)]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(8), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+         *_flags(tmp_path / "killed", frozen_checkpoint, NO_EVAL, steps=steps)]
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(8), stdout=log,
+                          stderr=subprocess.STDOUT)
   marker = tmp_path / "killed" / "checkpoints" / "3" / "commit_success.txt"
   deadline = time.time() + 240
   while not marker.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert marker.exists(), "the run never wrote its first checkpoint"
+  assert marker.exists(), ("the run never wrote its first checkpoint:\n" +
+                           (tmp_path / "killed.log").read_text()[-3000:])
 
-  train_main.main(_flags(tmp_path / "killed", frozen_checkpoint, steps=steps))
+  train_main.main(_flags(tmp_path / "killed", frozen_checkpoint, NO_EVAL, steps=steps))
   gin.clear_config()
-  train_main.main(_flags(tmp_path / "straight", frozen_checkpoint, steps=steps))
+  train_main.main(_flags(tmp_path / "straight", frozen_checkpoint, NO_EVAL, steps=steps))
   resumed = _final_prompt(tmp_path / "killed", steps)
   straight = _final_prompt(tmp_path / "straight", steps)
   assert resumed.tobytes() == straight.tobytes()
@@ -165,7 +170,8 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_
 def test_sigterm_saves_then_exits_cleanly(tmp_path, frozen_checkpoint):
   model_dir = tmp_path / "term"
   cmd = [sys.executable, "-m", "prompt_tuning.train",
-         *_flags(model_dir, frozen_checkpoint, "--gin.CHECKPOINT_PERIOD=100000", steps=100000)]
+         *_flags(model_dir, frozen_checkpoint, NO_EVAL, "--gin.CHECKPOINT_PERIOD=100000",
+                 steps=100000)]
   proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
@@ -197,7 +203,7 @@ def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
   for i in range(2):
     cmd = [sys.executable, "-m", "prompt_tuning.train",
            f"--coordinator_address=127.0.0.1:{port}", "--process_count=2",
-           f"--process_index={i}", *_flags(model_dir, frozen_checkpoint, steps=3)]
+           f"--process_index={i}", *_flags(model_dir, frozen_checkpoint, NO_EVAL, steps=3)]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(2),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=400)[0] for p in procs]
