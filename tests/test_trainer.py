@@ -70,6 +70,15 @@ def _flags(model_dir, checkpoint, *extra, steps=6):
 NO_EVAL = "--gin.trainer.train.eval_dataset=None"  # tests of training mechanics skip decoding
 
 
+def _eval_flags(model_dir, checkpoint):
+  return [
+      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.EVAL_BATCH_SIZE=8",
+      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.EVAL_MAX_EXAMPLES=8"]
+
+
 def _final_prompt(model_dir, step):
   return np.load(pathlib.Path(model_dir) / "numpy_checkpoints" / f"checkpoint_{step}" /
                  "encoder.prompt.prompt.npy")
@@ -95,12 +104,7 @@ def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
   assert meta["data_position"] == 6 and meta["initial_checkpoint_path"] == frozen_checkpoint
 
   gin.clear_config()
-  out = eval_main.main([
-      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
-      f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
-      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
-      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.EVAL_BATCH_SIZE=8",
-      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.EVAL_MAX_EXAMPLES=8"])
+  out = eval_main.main(_eval_flags(model_dir, frozen_checkpoint))
   assert out["checkpoint_step"] == 6
   metrics = out["results"]["demo_taskless_last"]
   assert 0.0 <= metrics["exact_match"] <= 1.0 and np.isfinite(metrics["loss"])
@@ -211,12 +215,7 @@ def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
     assert p.returncode == 0, out[-3000:]
   assert (model_dir / "checkpoints" / "3").is_dir()
   # One process alone restores what the pair saved, and evaluates it.
-  out = eval_main.main([
-      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
-      f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_checkpoint}'", f"--gin.MODEL_DIR='{model_dir}'",
-      "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
-      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.EVAL_BATCH_SIZE=8",
-      f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.EVAL_MAX_EXAMPLES=8"])
+  out = eval_main.main(_eval_flags(model_dir, frozen_checkpoint))
   assert out["checkpoint_step"] == 3
   np.testing.assert_equal(_final_prompt(model_dir, 3).shape, (PROMPT_LENGTH, 16))
 
