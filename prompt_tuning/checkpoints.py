@@ -10,6 +10,12 @@ Layout of MODEL_DIR:
 
 orbax writes each step into a temporary folder and renames it into place when complete, so a
 crash mid-save never leaves a checkpoint that looks complete; restore takes the latest complete one.
+The training run's Checkpointer (`cleanup_tmp=True`) deletes such leftover temporary folders when
+it starts. A non-finite prompt is never saved.
+
+Test hook: `PROMPT_TUNING_TEST_SLOW_SAVE=STEP:SECONDS` pauses the save of checkpoint STEP for
+SECONDS after its data are written and before orbax commits it, so a test can kill the process
+in the middle of a save (tests/test_reliability.py).
 """
 from __future__ import annotations
 
@@ -17,29 +23,61 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from prompt_tuning import prompt_io
 
 FORMAT_VERSION = 1
+SLOW_SAVE_ENV = "PROMPT_TUNING_TEST_SLOW_SAVE"
+
+
+class NonFiniteCheckpointError(ValueError):
+  """The trainable parameters hold NaN or Inf: saving them would overwrite good checkpoints."""
+
+
+class _SlowCommitPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+  """orbax's atomic-rename protocol with a pause before the rename (test hook, see above)."""
+
+  async def finalize(self, *args, **kwargs):
+    step, seconds = os.environ[SLOW_SAVE_ENV].split(":")
+    if self.get_final().name == step:
+      import asyncio
+      logging.warning("%s: pausing %s s before committing %s", SLOW_SAVE_ENV, seconds, self.get())
+      await asyncio.sleep(float(seconds))
+    return await super().finalize(*args, **kwargs)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 class Checkpointer:
-  """Saves and restores the trainable state of one run directory."""
+  """Saves and restores the trainable state of one run directory.
+
+  `cleanup_tmp=True` (only for the process that writes, i.e. training) removes temporary folders
+  left by a save that was killed; readers such as eval must not, as training may be mid-save.
+  """
 
   def __init__(self, model_dir: str | os.PathLike, *, keep: int | None = 3,
-               save_frozen: bool = False):
+               save_frozen: bool = False, cleanup_tmp: bool = False):
     self.model_dir = pathlib.Path(model_dir)
     self.directory = self.model_dir / "checkpoints"
     self.save_frozen = save_frozen
     items = ("params", "state", "metadata") + (("frozen",) if save_frozen else ())
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=cleanup_tmp,
+        temporary_path_class=_SlowCommitPath if os.environ.get(SLOW_SAVE_ENV) else None)
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
                                          item_names=items)
 
@@ -50,6 +88,11 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, metadata: dict, frozen: Any = None) -> None:
+    # The train loop already stops at a non-finite step; this keeps the promise for any caller.
+    if not bool(_all_finite(state.params)):
+      raise NonFiniteCheckpointError(
+          f"Refusing to save checkpoint {step}: the trainable parameters contain NaN or Inf. "
+          f"The previous checkpoints in {self.directory} are kept.")
     args = {"params": ocp.args.StandardSave(state.params),
             "state": ocp.args.StandardSave(_state_tree(state)),
             "metadata": ocp.args.JsonSave({**metadata, "format_version": FORMAT_VERSION,
@@ -60,6 +103,21 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self._export_numpy(step, state.params)
 
+  def numpy_export_dir(self, step: int) -> pathlib.Path:
+    return self.model_dir / "numpy_checkpoints" / f"checkpoint_{int(step)}"
+
+  def ensure_numpy_export(self, step: int, trainable: Any) -> None:
+    """Re-exports a restored checkpoint's prompt if a crash came between commit and export."""
+    has_prompt = any(path.startswith("encoder.prompt.") for path in
+                     flax.traverse_util.flatten_dict(trainable, sep="."))
+    missing = has_prompt and not self.numpy_export_dir(step).is_dir()
+    if jax.process_count() > 1:  # exporting gathers: every process must make process 0's choice
+      from jax.experimental import multihost_utils
+      missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+    if missing:
+      logging.warning("Checkpoint %d has no numpy export (interrupted save?): writing it", step)
+      self._export_numpy(step, trainable)
+
   def _export_numpy(self, step: int, trainable: Any) -> None:
     """Writes each prompt variable as `<dotted path>.npy` (banks too; other weights are not)."""
     from prompt_tuning import partitioning  # gathering is collective: every process takes part
@@ -68,17 +126,21 @@ class Checkpointer:
               if path.startswith("encoder.prompt.")}
     if jax.process_index() != 0:
       return
-    out = self.model_dir / "numpy_checkpoints" / f"checkpoint_{int(step)}"
+    # Written under a temporary name and renamed, so the folder exists only when complete.
+    out = self.numpy_export_dir(step)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     for path, array in arrays.items():
-      out.mkdir(parents=True, exist_ok=True)
+      tmp.mkdir(parents=True, exist_ok=True)
       array = array.astype(np.float32)
       if array.ndim == 2:
-        prompt_io.save_prompt_npy(out / f"{path}.npy", array)
+        prompt_io.save_prompt_npy(tmp / f"{path}.npy", array)
       else:  # a prompt bank [N, P, D]
-        tmp = out / f".{path}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with open(tmp / f"{path}.npy", "wb") as f:
           np.save(f, array, allow_pickle=False)
-        os.replace(tmp, out / f"{path}.npy")
+    if tmp.is_dir():
+      shutil.rmtree(out, ignore_errors=True)  # a re-export replaces an older one
+      os.replace(tmp, out)
 
   def restore(self, step: int, abstract_state: Any, abstract_frozen: Any = None):
     """Returns `(state tree dict, metadata, frozen or None)` restored onto the given shardings."""
@@ -90,10 +152,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(int(step), args=ocp.args.Composite(**args))
     except Exception as e:
-      raise ValueError(
-          f"Could not restore checkpoint {self.directory / str(step)}: {e}. If this checkpoint "
-          "is corrupted, move it aside and the run resumes from the previous one "
-          f"(available: {self.all_steps()}).") from e
+      raise ValueError(self._unreadable(step, e)) from e
     frozen = restored.get("frozen") if self.save_frozen else None
     return {**restored["state"], "params": restored["params"]}, restored["metadata"], frozen
 
@@ -106,6 +165,19 @@ class Checkpointer:
       raise ValueError(f"Checkpoint {self.directory / str(step)} does not hold this run's "
                        f"trainable parameters ({e}). A different PROMPT_LENGTH or model?") from e
     return restored["params"]
+
+  def _unreadable(self, step: int, error: Exception) -> str:
+    """The fix first; tensorstore's own message (often kilobytes of spec) shortened after it."""
+    folder = self.directory / str(int(step))
+    earlier = [s for s in self.all_steps() if s < step]
+    then = (f"the run then resumes from checkpoint {earlier[-1]}" if earlier else
+            "there is no earlier checkpoint, so the run then starts from the beginning")
+    detail = " ".join(str(error).split())
+    detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+    return (f"Checkpoint {folder} cannot be read: it is corrupted or incomplete (a disk error, "
+            f"a copy cut short, an edited file). Move it out of the way, e.g. "
+            f"`mv {folder} {self.model_dir / f'corrupt_checkpoint_{int(step)}'}`; {then}. "
+            f"(available checkpoints: {self.all_steps()}; error: {detail})")
 
   def read_metadata(self, step: int) -> dict:
     path = self.directory / str(int(step)) / "metadata" / "metadata"

@@ -156,9 +156,10 @@ def call_configured(fn):
 def run_main(main) -> None:
   """Runs an entry point; user errors print one clear line instead of a traceback."""
   import sys
+  from prompt_tuning.trainer import NonFiniteLossError  # the entry points import it anyway
   try:
     main()
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     if os.environ.get("PROMPT_TUNING_TRACEBACK"):
       raise
     print(f"error: {e}", file=sys.stderr)

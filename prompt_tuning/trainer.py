@@ -306,6 +306,42 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
 # ------------------------------------------------------------------------------------------------
 # Training
 
+def _shapes(tree) -> dict[str, list[int]]:
+  import flax
+  return {k: list(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _check_resumable(ckpt, step: int, trainable, *, config: T5Config,
+                     prompt_config: PromptConfig | None) -> None:
+  """MODEL_DIR's checkpoint must hold parameters of this run's shapes.
+
+  Without this check orbax fails deep in tensorstore with a shape error that reads like
+  corruption; the usual cause is a changed PROMPT_LENGTH or model in a reused MODEL_DIR.
+  """
+  try:
+    meta = ckpt.read_metadata(step)
+  except (OSError, ValueError):
+    return  # unreadable metadata: restore reports the checkpoint as corrupted
+  diffs = []
+  saved_prompt = meta.get("prompt_config") or {}
+  now_prompt = dataclasses.asdict(prompt_config) if prompt_config else {}
+  for key, flag in (("length", "PROMPT_LENGTH"), ("bank_size", "PromptConfig.bank_size")):
+    if saved_prompt.get(key) != now_prompt.get(key):
+      diffs.append(f"{flag} {saved_prompt.get(key)} there, {now_prompt.get(key)} here")
+  saved_d = (meta.get("model_config") or {}).get("d_model")
+  if saved_d is not None and saved_d != config.d_model:
+    diffs.append(f"d_model {saved_d} there, {config.d_model} here (another model size)")
+  saved, now = meta.get("trainable_shapes"), _shapes(trainable)
+  if saved is not None and saved != now:
+    diffs += [f"{k}: {saved.get(k, 'absent')} there, {now.get(k, 'absent')} here"
+              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)][:10]
+  if diffs:
+    raise ValueError(
+        f"MODEL_DIR {ckpt.model_dir} holds checkpoint {step} of a different run: "
+        + "; ".join(diffs) + ". Resume with the settings it was trained with, or pass a new "
+        "--gin.MODEL_DIR to start a new run.")
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks: save a checkpoint, then exit cleanly."""
 
@@ -376,7 +412,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   learning_rate_fn = getattr(tx, "schedule", None)
 
   part = setup.partitioner
-  ckpt = checkpoints_lib.Checkpointer(model_dir, keep=keep_checkpoints, save_frozen=save_frozen)
+  ckpt = checkpoints_lib.Checkpointer(model_dir, keep=keep_checkpoints, save_frozen=save_frozen,
+                                      cleanup_tmp=True)
   with part.activate():
     state = jax.jit(lambda t: train_lib.create_train_state(t, tx))(setup.trainable)
   start_position = 0
@@ -384,7 +421,13 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   if latest is not None:
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored, meta, _ = ckpt.restore(latest, abstract)
+    try:
+      _check_resumable(ckpt, latest, state.params, config=setup.module.config,
+                       prompt_config=prompt_config)
+      restored, meta, _ = ckpt.restore(latest, abstract)
+    except ValueError:
+      ckpt.close()  # stop orbax's threads before the error ends the run
+      raise
     state = train_lib.TrainState(step=restored["step"], params=restored["params"],
                                  opt_state=restored["opt_state"])
     start_position = int(meta.get("data_position", int(state.step)))
@@ -392,6 +435,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       log.warning("Resuming from a checkpoint trained on frozen model %r but "
                   "INITIAL_CHECKPOINT_PATH is %r", meta.get("initial_checkpoint_path"),
                   initial_checkpoint_path)
+    ckpt.ensure_numpy_export(latest, state.params)
     log.info("Resumed from %s at step %d", ckpt.directory / str(latest), int(state.step))
   else:
     log.info("No checkpoint in %s: starting from %s with a fresh prompt (%s)", model_dir,
@@ -414,7 +458,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       "data_position": batches.position, "initial_checkpoint_path": initial_checkpoint_path,
       "model_config": setup.module.config.to_dict(),
       "prompt_config": dataclasses.asdict(prompt_config) if prompt_config else None,
-      "trainable_patterns": list(trainable_patterns),
+      "trainable_patterns": list(trainable_patterns), "trainable_shapes": _shapes(state.params),
       "mixture_or_task_name": train_dataset.mixture_or_task_name,
       "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples}
 
@@ -447,6 +491,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       window_steps += 1
       if not bool(partitioning.to_host(metrics["finite"])):
         if not skip_nonfinite:
+          ckpt.close()
           raise NonFiniteLossError(
               f"Non-finite loss or gradient at step {step} "
               f"(loss={float(partitioning.to_host(metrics['loss']))}). "
