@@ -69,9 +69,11 @@ class Checkpointer:
   """
 
   def __init__(self, model_dir: str | os.PathLike, *, keep: int | None = 3,
-               save_frozen: bool = False, cleanup_tmp: bool = False):
+               save_frozen: bool = False, cleanup_tmp: bool = False,
+               subdir: str = "checkpoints", numpy_subdir: str = "numpy_checkpoints"):
     self.model_dir = pathlib.Path(model_dir)
-    self.directory = self.model_dir / "checkpoints"
+    self.directory = self.model_dir / subdir
+    self.numpy_dir = self.model_dir / numpy_subdir
     self.save_frozen = save_frozen
     items = ("params", "state", "metadata") + (("frozen",) if save_frozen else ())
     options = ocp.CheckpointManagerOptions(
@@ -104,7 +106,7 @@ class Checkpointer:
     self._export_numpy(step, state.params)
 
   def numpy_export_dir(self, step: int) -> pathlib.Path:
-    return self.model_dir / "numpy_checkpoints" / f"checkpoint_{int(step)}"
+    return self.numpy_dir / f"checkpoint_{int(step)}"
 
   def ensure_numpy_export(self, step: int, trainable: Any) -> None:
     """Re-exports a restored checkpoint's prompt if a crash came between commit and export."""

@@ -269,9 +269,10 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
       cfg = dataclasses.replace(cfg, candidate_targets=tuple(
           tuple(vocab.encode(l)) + (1,) for l in labels))
     predict_fn = jax.jit(lambda t, f, b: decoding_lib.decode(
-        module, optimizers.merge_params(t, f), b, cfg)[0])
+        module, optimizers.merge_params(t, f), b, cfg))
     sums = {"loss": 0.0, "correct_tokens": 0.0, "target_tokens": 0.0}
     predictions: list[str] = []
+    scores: list[float] = []
     with part.activate():
       for batch, rows in dataset_lib.batches_of(ev.features, batch_size):
         # Padded rows have no targets, so they add nothing to the sums.
@@ -279,8 +280,11 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
         out = eval_fn(trainable, setup.frozen, sharded)
         for k in sums:
           sums[k] += float(partitioning.to_host(out[k]))
-        tokens = partitioning.to_host(predict_fn(trainable, setup.frozen, sharded))
+        tokens, batch_scores = predict_fn(trainable, setup.frozen, sharded)
+        tokens = partitioning.to_host(tokens)
+        batch_scores = partitioning.to_host(batch_scores)
         predictions += [_decode_tokens(vocab, tokens[i]) for i in range(rows)]
+        scores += [float(batch_scores[i]) for i in range(rows)]
     metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
                "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
                "examples": float(len(ev.examples)),
@@ -295,8 +299,8 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
     if return_predictions:
       metrics["_predictions"] = [
           {"inputs": _as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,
-           "target": _as_text(ex.get("targets_pretokenized", b""))}
-          for p, ex in zip(predictions, ev.examples)]
+           "score": sc, "target": _as_text(ex.get("targets_pretokenized", b""))}
+          for p, sc, ex in zip(predictions, scores, ev.examples)]
     results[task_name] = metrics
     log.info("eval %s: %s", task_name, {k: round(v, 4) for k, v in metrics.items()
                                         if not k.startswith("_")})
@@ -342,6 +346,51 @@ def _check_resumable(ckpt, step: int, trainable, *, config: T5Config,
         "--gin.MODEL_DIR to start a new run.")
 
 
+class _BestCheckpoint:
+  """Keeps the checkpoint with the best dev metric (the paper's early stopping) in MODEL_DIR/best.
+
+  `metric` is "task/metric" or just "metric" (averaged over the evaluated tasks that report it).
+  """
+
+  def __init__(self, model_dir, metric: str, mode: str = "max"):
+    if mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {mode!r}")
+    self.metric, self.mode = metric, mode
+    self.path = pathlib.Path(model_dir) / "best" / "best.json"
+    self.value = None
+    if self.path.exists():  # resuming: keep beating the best so far
+      self.value = json.loads(self.path.read_text())["value"]
+    self.checkpointer = checkpoints_lib.Checkpointer(
+        model_dir, keep=1, subdir="best/checkpoints", numpy_subdir="best/numpy_checkpoints")
+
+  def _lookup(self, results) -> float:
+    if "/" in self.metric:
+      task, name = self.metric.split("/", 1)
+      if task not in results or name not in results[task]:
+        raise ValueError(f"best_metric {self.metric!r} is not among the eval results "
+                         f"{ {t: sorted(m) for t, m in results.items()} }")
+      return float(results[task][name])
+    values = [m[self.metric] for m in results.values() if self.metric in m]
+    if not values:
+      raise ValueError(f"best_metric {self.metric!r} is not reported by any evaluated task")
+    return float(np.mean(values))
+
+  def update(self, step: int, results, state, metadata) -> None:
+    value = self._lookup(results)
+    better = (self.value is None or (value > self.value if self.mode == "max"
+                                     else value < self.value))
+    if not better:
+      return
+    self.value = value
+    self.checkpointer.save(step, state, metadata)
+    if jax.process_index() == 0:
+      tmp = self.path.with_suffix(".tmp")
+      tmp.write_text(json.dumps({"step": int(step), "metric": self.metric, "value": value}))
+      os.replace(tmp, self.path)
+    log.info("New best %s = %.4f at step %d (saved to %s)", self.metric, value, step,
+             self.path.parent)
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks: save a checkpoint, then exit cleanly."""
 
@@ -381,7 +430,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           save_frozen: bool = False, num_microbatches: int = 1, random_seed: int = 42,
           frozen_param_dtype: str = "float32", log_period: int = 10,
           skip_nonfinite: bool = False, allow_random_init: bool = False,
-          eval_at_start: bool = False,
+          eval_at_start: bool = False, best_metric: str | None = None,
+          best_mode: str = "max",
           model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
   _check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
@@ -471,12 +521,16 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   final_eval: dict[str, Any] = {}
   initial_eval: dict[str, Any] = {}
 
+  best = _BestCheckpoint(model_dir, best_metric, best_mode) if best_metric else None
+
   def run_eval(at_step):
     results = evaluate_tasks(setup, state.params, eval_dataset, decoding_config=decoding_config,
                              max_examples=eval_max_examples)
     for task_name, m in results.items():
       eval_writer.write(at_step, {f"{task_name}/{k}": v for k, v in m.items()
                                   if not k.startswith("_")})
+    if best is not None:
+      best.update(at_step, results, state, metadata())
     return results
 
   if eval_dataset is not None and eval_at_start and latest is None:
@@ -526,6 +580,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
     log.warning("%d of %d training examples were longer than TASK_FEATURE_LENGTHS and were "
                 "truncated", batches.truncated_examples, batches.examples)
   ckpt.close()
+  if best is not None:
+    best.checkpointer.close()
   return {"step": step, "eval": final_eval, "initial_eval": initial_eval,
           "seconds": time.time() - t_start,
           "trainable_params": n_trainable, "frozen_params": n_frozen,
@@ -561,6 +617,20 @@ def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int
   return params, {"step": step, **meta}
 
 
+def _load_for_eval(dataset: dataset_lib.DatasetConfig, *, model_dir, model_config, prompt_config,
+                   initial_checkpoint_path, prompt_init, trainable_patterns, partition,
+                   checkpoint_step, random_seed):
+  """The frozen model plus the prompt to evaluate: MODEL_DIR's checkpoint, else the initialiser."""
+  setup = build(model_config=model_config, prompt_config=prompt_config,
+                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
+                trainable_patterns=trainable_patterns,
+                task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
+                random_seed=random_seed, task_name=dataset.mixture_or_task_name,
+                task_module=dataset.module)
+  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
+  return setup, trainable, meta
+
+
 def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None = None,
              model_config: T5Config | None = None,
              prompt_config: PromptConfig | None = PromptConfig(),
@@ -573,13 +643,11 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
   _check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                   INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
-  setup = build(model_config=model_config, prompt_config=prompt_config,
-                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
-                trainable_patterns=trainable_patterns,
-                task_feature_lengths=eval_dataset.task_feature_lengths, prompt_init=prompt_init,
-                random_seed=random_seed, task_name=eval_dataset.mixture_or_task_name,
-                task_module=eval_dataset.module)
-  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
+  setup, trainable, meta = _load_for_eval(
+      eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
+      initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
+      trainable_patterns=trainable_patterns, partition=partition,
+      checkpoint_step=checkpoint_step, random_seed=random_seed)
   if meta is None and prompt_config is not None and prompt_init.kind != "from_file":
     log.warning("Evaluating a freshly initialised prompt (%s): no checkpoint in MODEL_DIR and "
                 "no PROMPT_FILE", prompt_init.kind)
@@ -604,13 +672,11 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
   _check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                   INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
-  setup = build(model_config=model_config, prompt_config=prompt_config,
-                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
-                trainable_patterns=trainable_patterns,
-                task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
-                random_seed=random_seed, task_name=dataset.mixture_or_task_name,
-                task_module=dataset.module)
-  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
+  setup, trainable, meta = _load_for_eval(
+      dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
+      initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
+      trainable_patterns=trainable_patterns, partition=partition,
+      checkpoint_step=checkpoint_step, random_seed=random_seed)
   results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
                            max_examples=max_examples, return_predictions=True)
   out_dir = pathlib.Path(output_dir)

@@ -86,8 +86,12 @@ def _final_prompt(model_dir, step):
 
 def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
   model_dir = tmp_path / "run"
-  result = train_main.main(_flags(model_dir, frozen_checkpoint, steps=3))
+  result = train_main.main(_flags(model_dir, frozen_checkpoint, "--gin.BEST_METRIC='exact_match'",
+                                  steps=3))
   assert result["step"] == 3
+  best = json.loads((model_dir / "best" / "best.json").read_text())
+  assert best["step"] == 3 and best["metric"] == "exact_match"
+  assert (model_dir / "best" / "numpy_checkpoints" / "checkpoint_3").is_dir()
   assert result["trainable_params"] == PROMPT_LENGTH * 16
   assert (model_dir / "checkpoints" / "3").is_dir()
   assert _final_prompt(model_dir, 3).shape == (PROMPT_LENGTH, 16)
@@ -119,7 +123,7 @@ def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
       f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", "--gin.INFER_MAX_EXAMPLES=5",
       f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'"])
   rows = [json.loads(l) for l in pathlib.Path(paths[0]).read_text().splitlines()]
-  assert len(rows) == 5 and {"inputs", "prediction", "target"} <= set(rows[0])
+  assert len(rows) == 5 and {"inputs", "prediction", "score", "target"} <= set(rows[0])
 
 
 def test_sharded_run_matches_single_device(tmp_path, frozen_checkpoint):
