@@ -497,6 +497,14 @@ def _read_sharded(folder: str, index_name: str, read) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    return _read_safetensors_unchecked(path)
+  except Exception as e:  # SafetensorError and friends: say which file and what to do
+    raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                     f"{str(e)[:200]}); re-download or re-export the checkpoint") from e
+
+
+def _read_safetensors_unchecked(path: str) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   tensors = {}
   with safe_open(path, framework="numpy") as f:
@@ -520,7 +528,15 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     raise ImportError(f"Reading {path} needs torch (pip install torch), or convert the "
                       "checkpoint to safetensors") from e
   # weights_only=True: a .bin file is a pickle, and a stranger's pickle can run code.
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # UnpicklingError for anything beyond plain tensors: refused, not run
+    raise ValueError(
+        f"Refusing to load {path}: it is not a plain tensor checkpoint that torch.load("
+        f"weights_only=True) accepts ({type(e).__name__}). It may contain code; convert a "
+        "trusted copy to model.safetensors instead.") from e
+  if not isinstance(state, dict):
+    raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
   tensors = {}
   for name, value in state.items():
     if not isinstance(value, torch.Tensor):

@@ -25,8 +25,15 @@ TASK = "demo_taskless_last"
 METRIC = "exact_match"
 
 
+def _quote(arg: str) -> str:
+  """Shell quoting that keeps gin flags readable: --gin.X="'value'"."""
+  if "'" in arg and '"' not in arg and "$" not in arg and "`" not in arg:
+    return f'"{arg}"'
+  return shlex.quote(arg)
+
+
 def _run(cmd: list[str]) -> str:
-  print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+  print("+ " + " ".join(_quote(c) for c in cmd), flush=True)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env)
