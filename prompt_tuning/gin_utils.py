@@ -18,7 +18,7 @@ import gin
 def project_gin_dir() -> pathlib.Path:
   """The project's gin/ folder: the checkout's, or the copy installed as `prompt_tuning.gin`."""
   repo = pathlib.Path(__file__).resolve().parents[1] / "gin"
-  if repo.is_dir():
+  if (repo / "runs").is_dir():  # a checkout (not site-packages/gin, which is gin-config itself)
     return repo
   spec = importlib.util.find_spec("prompt_tuning.gin")
   if spec is not None and spec.submodule_search_locations:

@@ -174,15 +174,8 @@ def gin_search_paths(gin_file: str | os.PathLike | None = None) -> list[str]:
   folder (installed as the package `prompt_tuning.gin`); a user's own model file may also include
   files next to it.
   """
-  paths = []
-  source_tree = pathlib.Path(__file__).resolve().parent.parent / "gin"
-  if source_tree.is_dir():
-    paths.append(str(source_tree))
-  try:
-    import importlib.resources
-    paths.append(str(importlib.resources.files("prompt_tuning.gin")))
-  except (ImportError, ModuleNotFoundError, TypeError):
-    pass
+  from prompt_tuning import gin_utils
+  paths = [str(gin_utils.project_gin_dir())]
   if gin_file is not None:
     here = pathlib.Path(gin_file).resolve().parent
     paths += [str(here.parent), str(here)]
