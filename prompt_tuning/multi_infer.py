@@ -1,0 +1,44 @@
+r"""Entry point: many prompts on one frozen model (a prompt bank).
+
+  python -m prompt_tuning.multi_infer --gin_file=models/X.gin \
+      --gin_file=runs/prompt_ensemble_eval.gin --gin.PROMPT_FILES="['a.npy', 'b.npy']" ...
+  python -m prompt_tuning.multi_infer --gin_file=models/X.gin \
+      --gin_file=runs/prompt_bank_infer.gin --gin.TASKS="['t1', 't2']" ...
+
+The run file's MULTI_PROMPT_MODE picks what runs: 'ensemble' (`multi_prompt.evaluate_ensemble`:
+N prompts of one task and their majority vote) or 'mixed' (`multi_prompt.infer_mixed`: one
+prompt per task, tasks mixed in each batch, JSONL predictions). Prints the results as JSON.
+"""
+import json
+import sys
+
+import gin
+
+from prompt_tuning import gin_utils
+from prompt_tuning import multi_prompt
+from prompt_tuning import trainer
+
+MODES = {"ensemble": multi_prompt.evaluate_ensemble, "mixed": multi_prompt.infer_mixed}
+
+
+def main(argv=None) -> dict:
+  trainer.configure_logging()
+  argv = sys.argv[1:] if argv is None else argv
+  fns = {mode: gin.configurable(fn, module="prompt_tuning.multi_prompt")
+         for mode, fn in MODES.items()}
+  gin_utils.parse_args(argv, "Evaluate a prompt ensemble, or serve several tasks' prompts in "
+                             "mixed batches, on one frozen model.")
+  try:
+    mode = gin.query_parameter("%MULTI_PROMPT_MODE")
+  except ValueError:
+    raise ValueError("MULTI_PROMPT_MODE is not set: include runs/prompt_ensemble_eval.gin or "
+                     "runs/prompt_bank_infer.gin") from None
+  if mode not in fns:
+    raise ValueError(f"MULTI_PROMPT_MODE = {mode!r}; choose one of {sorted(fns)}")
+  result = gin_utils.call_configured(fns[mode])
+  print(json.dumps(result, default=float))
+  return result
+
+
+if __name__ == "__main__":
+  gin_utils.run_main(main)
