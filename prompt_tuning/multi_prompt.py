@@ -47,9 +47,11 @@ Params = Any
 
 # The trainer's helpers, reused so that texts and errors read as in `trainer.evaluate_tasks`.
 # pylint: disable=protected-access
-_as_text = trainer._as_text
-_check_required = trainer._check_required
-_decode_tokens = trainer._decode_tokens
+_as_text = trainer.as_text
+_check_required = trainer.check_required
+_decode_tokens = trainer.decode_tokens
+task_metrics = trainer.task_metrics
+_write_jsonl = trainer.write_jsonl
 # pylint: enable=protected-access
 
 
@@ -306,29 +308,6 @@ def _task_decoding_config(cfg: decoding.DecodingConfig | None, task_name: str, v
     cfg = dataclasses.replace(cfg, candidate_targets=tuple(
         tuple(vocab.encode(label)) + (cfg.eos_id,) for label in labels))
   return cfg
-
-
-def task_metrics(task, examples: Sequence[Mapping[str, Any]],
-                 predictions: Sequence[str]) -> dict[str, float]:
-  """The task's metric functions on postprocessed predictions and targets."""
-  targets = [task.postprocess_fn(_as_text(ex.get("targets_pretokenized", b"")), example=ex,
-                                 is_target=True) for ex in examples]
-  preds = [task.postprocess_fn(p, example=ex, is_target=False)
-           for p, ex in zip(predictions, examples)]
-  metrics = {}
-  for metric_fn in getattr(task, "predict_metric_fns", None) or []:
-    for k, v in metric_fn(targets, preds).items():
-      metrics[k] = float(getattr(v, "value", v))
-  return metrics
-
-
-def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
 
 
 def _write_json(path: pathlib.Path, value) -> None:

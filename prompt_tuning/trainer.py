@@ -87,7 +87,7 @@ class Setup:
 # ------------------------------------------------------------------------------------------------
 # Building the model and its parameters
 
-def _check_required(**values) -> None:
+def check_required(**values) -> None:
   """gin passes `%gin.REQUIRED` macros that nobody set as a bare sentinel object."""
   for name, value in values.items():
     if type(value) is object:  # pylint: disable=unidiomatic-typecheck
@@ -232,7 +232,7 @@ def _fmt_seconds(s: float) -> str:
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
-def _decode_tokens(vocab, tokens_T: np.ndarray) -> str:
+def decode_tokens(vocab, tokens_T: np.ndarray) -> str:
   ids = []
   for t in tokens_T.tolist():
     if t == 1:
@@ -242,8 +242,33 @@ def _decode_tokens(vocab, tokens_T: np.ndarray) -> str:
   return vocab.decode(ids)
 
 
-def _as_text(x) -> str:
+def as_text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def task_metrics(task, examples: Sequence[Mapping[str, Any]],
+                 predictions: Sequence[str]) -> dict[str, float]:
+  """The task's metric functions on postprocessed predictions and targets."""
+  targets = [task.postprocess_fn(as_text(ex.get("targets_pretokenized", b"")), example=ex,
+                                 is_target=True) for ex in examples]
+  preds = [task.postprocess_fn(p, example=ex, is_target=False)
+           for p, ex in zip(predictions, examples)]
+  metrics = {}
+  for metric_fn in getattr(task, "predict_metric_fns", None) or []:
+    for k, v in metric_fn(targets, preds).items():
+      metrics[k] = float(getattr(v, "value", v))
+  return metrics
+
+
+def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
+  """Writes rows to a temporary file renamed into place (never a half-written file)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
 
 
 def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConfig, *,
@@ -283,23 +308,17 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
         tokens, batch_scores = predict_fn(trainable, setup.frozen, sharded)
         tokens = partitioning.to_host(tokens)
         batch_scores = partitioning.to_host(batch_scores)
-        predictions += [_decode_tokens(vocab, tokens[i]) for i in range(rows)]
+        predictions += [decode_tokens(vocab, tokens[i]) for i in range(rows)]
         scores += [float(batch_scores[i]) for i in range(rows)]
     metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
                "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
                "examples": float(len(ev.examples)),
                "truncated_examples": float(ev.truncated_examples)}
-    targets = [task.postprocess_fn(_as_text(ex.get("targets_pretokenized", b"")), example=ex,
-                                   is_target=True) for ex in ev.examples]
-    preds = [task.postprocess_fn(p, example=ex, is_target=False)
-             for p, ex in zip(predictions, ev.examples)]
-    for metric_fn in getattr(task, "predict_metric_fns", None) or []:
-      for k, v in metric_fn(targets, preds).items():
-        metrics[k] = float(getattr(v, "value", v))
+    metrics.update(task_metrics(task, ev.examples, predictions))
     if return_predictions:
       metrics["_predictions"] = [
-          {"inputs": _as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,
-           "score": sc, "target": _as_text(ex.get("targets_pretokenized", b""))}
+          {"inputs": as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,
+           "score": sc, "target": as_text(ex.get("targets_pretokenized", b""))}
           for p, sc, ex in zip(predictions, scores, ev.examples)]
     results[task_name] = metrics
     log.info("eval %s: %s", task_name, {k: round(v, 4) for k, v in metrics.items()
@@ -434,7 +453,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           best_mode: str = "max",
           model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
-  _check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
+  check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
                   INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   checkpoints_lib.check_writable(model_dir)
   dataset_lib.import_modules(train_dataset.module)
@@ -641,7 +660,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              max_examples: int | None = None, random_seed: int = 42,
              output_path: str | None = None) -> dict[str, Any]:
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
-  _check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
+  check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                   INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup, trainable, meta = _load_for_eval(
       eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
@@ -670,7 +689,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           decoding_config: decoding_lib.DecodingConfig | None = None,
           max_examples: int | None = None, random_seed: int = 42) -> list[pathlib.Path]:
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
-  _check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
+  check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                   INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup, trainable, meta = _load_for_eval(
       dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
@@ -685,11 +704,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   paths = []
   for task_name, m in results.items():
     path = out_dir / f"{task_name}-{step}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-      for row in m["_predictions"]:
-        f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, m["_predictions"])
     paths.append(path)
     log.info("Wrote %d predictions to %s", len(m["_predictions"]), path)
   return paths
