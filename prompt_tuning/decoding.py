@@ -1,7 +1,8 @@
 """Decoding from a (prompted) T5: greedy, sampling, beam search, and rank classification.
 
 Every decoder runs the encoder once (with the example's prompt, or its `prompt_index` into a
-prompt bank) and then steps the decoder's key/value cache inside one `lax.while_loop` that stops
+prompt bank), projects the encoder output to every layer's cross-attention keys and values once,
+and then steps the decoder's key/value cache inside one `lax.while_loop` that stops
 as soon as every row has produced EOS (beam search: as soon as no alive beam can beat the
 finished ones) or `max_decode_length` tokens were written. All functions are jitted with the
 model and the decoding settings as static arguments, so one compilation serves every batch of
@@ -126,11 +127,20 @@ def _cache_has_batch_axis(model, params, encoded, encoder_input_tokens, max_len)
   return jax.tree.map(lambda a, b: a.shape != b.shape, shapes(1), shapes(2))
 
 
-def _step(model, params, cache, encoded, encoder_input_tokens, tokens_B):
+def _cross_kv(model, params, encoded):
+  """The decoder's encoder-decoder keys and values: computed once, read by every step.
+
+  They are not part of the cache, so beam search never reorders them (every beam of an example
+  holds the same copy).
+  """
+  return model.apply({"params": params}, encoded, method="cross_attention_kv")
+
+
+def _step(model, params, cache, encoded, encoder_input_tokens, tokens_B, cross_kv=None):
   """One cached decoder step: log-probabilities `[B, V]` of the next token, and the new cache."""
   logits_Bx1xV, mutated = model.apply(
       {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens_B[:, None],
-      decode=True, method="decode", mutable=["cache"])
+      decode=True, method="decode", mutable=["cache"], cross_kv=cross_kv)
   return jax.nn.log_softmax(logits_Bx1xV[:, 0].astype(jnp.float32)), mutated["cache"]
 
 
@@ -144,6 +154,7 @@ def _token_loop(model, params, encoder_input_tokens, prompt_index, rng, *, max_d
   batch = encoder_input_tokens.shape[0]
   encoded = _encode(model, params, encoder_input_tokens, prompt_index)
   cache = _init_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
+  cross_kv = _cross_kv(model, params, encoded)
 
   def cond(state):
     i, _, _, done_B, _, _ = state
@@ -151,7 +162,8 @@ def _token_loop(model, params, encoder_input_tokens, prompt_index, rng, *, max_d
 
   def body(state):
     i, tokens_BxT, last_B, done_B, scores_B, cache = state
-    log_probs_BxV, cache = _step(model, params, cache, encoded, encoder_input_tokens, last_B)
+    log_probs_BxV, cache = _step(model, params, cache, encoded, encoder_input_tokens, last_B,
+                                 cross_kv)
     next_B = choose(log_probs_BxV, jax.random.fold_in(rng, i))
     next_B = jnp.where(done_B, 0, next_B)  # finished rows emit padding
     picked_B = jnp.take_along_axis(log_probs_BxV, next_B[:, None], axis=1)[:, 0]
@@ -262,6 +274,7 @@ def _beam_search(model, params, encoder_input_tokens, *, max_decode_length, num_
   inputs_beams = jnp.repeat(encoder_input_tokens, k, axis=0)
   cache = _init_cache(model, params, encoded_beams, inputs_beams, t_max)
   has_batch_axis = _cache_has_batch_axis(model, params, encoded_beams, inputs_beams, t_max)
+  cross_kv = _cross_kv(model, params, encoded_beams)
   best_possible_penalty = length_penalty(t_max, alpha)
 
   def cond(state):
@@ -278,7 +291,8 @@ def _beam_search(model, params, encoder_input_tokens, *, max_decode_length, num_
     last = jax.lax.dynamic_index_in_dim(alive_BxKxT, jnp.maximum(i - 1, 0), axis=2,
                                         keepdims=False)
     last_BK = jnp.where(i == 0, 0, last).reshape(-1)
-    log_probs, cache = _step(model, params, cache, encoded_beams, inputs_beams, last_BK)
+    log_probs, cache = _step(model, params, cache, encoded_beams, inputs_beams, last_BK,
+                             cross_kv)
     vocab = log_probs.shape[-1]
     cand_BxKV = (alive_lp_BxK[:, :, None] + log_probs.reshape(batch, k, vocab)).reshape(
         batch, k * vocab)

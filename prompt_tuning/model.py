@@ -8,6 +8,14 @@ runs on one CPU or sharded over a mesh.
 
 An optional `PromptConfig` adds the trainable prompt at `encoder/prompt/prompt`, inserted into
 the embedded encoder input before dropout. Everything else is the frozen model.
+
+Speed and scale options (all in `T5Config`, all off by default so float32 stays exact):
+`matmul_dtype="bfloat16"` rounds every matmul's inputs to bfloat16 and accumulates in float32,
+in the forward and the backward pass (`mixed_einsum`); `scan_layers` stacks each stack's layers
+under one `layers` parameter with a leading `layers` axis (see `scan_conversion.py` for the
+T5X per-layer layout); `remat_policy` rematerialises each layer in the backward pass. For
+decoding, `T5.cross_attention_kv` computes every layer's encoder-decoder keys and values once
+per sequence instead of once per generated token.
 """
 from __future__ import annotations
 
@@ -46,9 +54,79 @@ def _activation(name: str) -> Callable:
   raise ValueError(f"Unknown activation {name!r}")
 
 
-def matmul(x: Array, kernel: Array, dtype) -> Array:
-  """`x @ kernel` over the last axis of x, computed in the activation dtype."""
-  return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+def _transposed_specs(spec: str) -> tuple[str, str]:
+  """The einsum specs of the two input cotangents of a two-operand einsum `spec`."""
+  inputs, out = spec.split("->")
+  lhs, rhs = inputs.split(",")
+  for side, other in ((lhs, rhs), (rhs, lhs)):
+    if set(side) - set(other) - set(out):
+      raise ValueError(f"mixed_einsum needs every index of {side!r} in the other operand or the "
+                       f"output; got {spec!r}")
+  return f"{out},{rhs}->{lhs}", f"{lhs},{out}->{rhs}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_einsum(static, a: Array, b: Array) -> Array:
+  spec, low, _, _ = static
+  return jnp.einsum(spec, a.astype(low), b.astype(low), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(static, a, b):
+  spec, low, _, _ = static
+  a_low, b_low = a.astype(low), b.astype(low)
+  out = jnp.einsum(spec, a_low, b_low, preferred_element_type=jnp.float32)
+  return out, (a_low, b_low)  # residuals in the low dtype: half the activation memory
+
+
+def _mixed_einsum_bwd(static, residuals, g):
+  spec, low, a_dtype, b_dtype = static
+  a_low, b_low = residuals
+  spec_a, spec_b = _transposed_specs(spec)
+  # Without this rule JAX transposes to dots with one float32 operand, which XLA:CPU runs as
+  # float32 dots: the backward pass would lose the bfloat16 speed-up.
+  g_low = g.astype(low)
+  da = jnp.einsum(spec_a, g_low, b_low, preferred_element_type=jnp.float32)
+  db = jnp.einsum(spec_b, a_low, g_low, preferred_element_type=jnp.float32)
+  return da.astype(a_dtype), db.astype(b_dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def mixed_einsum(spec: str, a: Array, b: Array, low_dtype) -> Array:
+  """`einsum(spec, a, b)` with inputs rounded to `low_dtype` and float32 accumulation and result.
+
+  The gradient takes the same route: the float32 cotangent is rounded to `low_dtype` and each
+  input's cotangent is again a low-precision-input, float32-accumulating einsum (what
+  `torch.autocast` does, but the cotangents of `a` and `b` come back in their own dtypes).
+  """
+  static = (spec, jnp.dtype(low_dtype), jnp.dtype(a.dtype), jnp.dtype(b.dtype))
+  return _mixed_einsum(static, a, b)
+
+
+def einsum(spec: str, a: Array, b: Array, config: T5Config, *, float32_out: bool = False) -> Array:
+  """Every matmul of the model goes through here.
+
+  Default (`matmul_dtype=None`): inputs in the activation dtype, as plain `jnp.einsum`. With
+  `matmul_dtype` set: `mixed_einsum`, the result cast to the activation dtype unless
+  `float32_out` (attention logits stay float32 either way).
+  """
+  dtype = config.activation_dtype
+  if config.matmul_dtype is None:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32 if float32_out else None)
+  out = mixed_einsum(spec, a, b, config.matmul_dtype)
+  return out if float32_out else out.astype(dtype)
+
+
+def _dense_spec(ndim: int) -> str:
+  batch = "abcdefgh"[:ndim - 1]
+  return f"{batch}i,io->{batch}o"
+
+
+def matmul(x: Array, kernel: Array, config: T5Config) -> Array:
+  """`x @ kernel` over the last axis of x (see `einsum` for the dtypes)."""
+  return einsum(_dense_spec(x.ndim), x, kernel, config)
 
 
 class Dense(nn.Module):
@@ -64,7 +142,7 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(_normal(self.stddev),
                                                                self.kernel_axes),
                         (x.shape[-1], self.features), jnp.dtype(self.config.param_dtype))
-    return matmul(x, kernel, self.config.activation_dtype)
+    return matmul(x, kernel, self.config)
 
 
 class RMSNorm(nn.Module):
@@ -96,8 +174,8 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.config.activation_dtype)
 
   def attend(self, x: Array) -> Array:
-    dtype = self.config.activation_dtype
-    return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding.astype(dtype))
+    batch = "abcdefgh"[:x.ndim - 1]
+    return einsum(f"{batch}d,vd->{batch}v", x, self.embedding, self.config)
 
 
 def relative_position_buckets(query_len: int, key_len: int, *, bidirectional: bool,
@@ -153,53 +231,65 @@ class RelativePositionBiases(nn.Module):
     return bias_HxQxK[None]  # [1, H, Q, K]
 
 
+def _split_heads(x_BxLxHD: Array, num_heads: int) -> Array:
+  """`[B, L, H * D] -> [B, H, L, D]`."""
+  b, length, _ = x_BxLxHD.shape
+  x_BxHxLxD = x_BxLxHD.reshape(b, length, num_heads, -1).transpose(0, 2, 1, 3)
+  return constrain(x_BxHxLxD, ("batch", "heads", "length", "kv"))
+
+
 class Attention(nn.Module):
   """Multi-head attention without 1/sqrt(d) scaling (T5 folds it into the query weights).
 
-  With `decode=True` keys and values are appended to a cache (collection "cache") of the length
-  the cache was initialised with, one position per call.
+  Heads are laid out `[B, H, L, D]` for the two attention einsums: with batch and heads leading
+  XLA:CPU runs them as plain batched matmuls (from `[B, L, H, D]` the forward pass took about
+  three times as long, measured).
+
+  With `decode=True` keys and values are kept in a cache (collection "cache") of the length it
+  was initialised with; each step writes one position, `decode_index`, given by the decoder.
+  `kv` passes precomputed keys and values `[B, H, S, D]` (cross-attention while decoding).
   """
 
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_q: Array, x_kv: Array, bias: Array, *, decode: bool = False,
-               deterministic: bool = True) -> Array:
+  def __call__(self, x_q: Array, x_kv: Array | None, bias: Array, *, decode: bool = False,
+               decode_index: Array | None = None, deterministic: bool = True,
+               kv: tuple[Array, Array] | None = None) -> Array:
     cfg = self.config
     h, dh, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     inner = h * dh
     proj = functools.partial(Dense, config=cfg)
-    q = proj(inner, ("embed", "joined_kv"), (d * dh) ** -0.5, name="query")(x_q)
-    k = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="key")(x_kv)
-    v = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="value")(x_kv)
-    q_BxQxHxK = constrain(q.reshape(q.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
-    k_BxKxHxK = constrain(k.reshape(k.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
-    v_BxKxHxK = constrain(v.reshape(v.shape[:2] + (h, dh)), ("batch", "length", "heads", "kv"))
+    q_BxHxQxD = _split_heads(
+        proj(inner, ("embed", "joined_kv"), (d * dh) ** -0.5, name="query")(x_q), h)
+    if kv is None:
+      k_BxHxKxD = _split_heads(proj(inner, ("embed", "joined_kv"), d ** -0.5, name="key")(x_kv), h)
+      v_BxHxKxD = _split_heads(
+          proj(inner, ("embed", "joined_kv"), d ** -0.5, name="value")(x_kv), h)
+    else:
+      k_BxHxKxD, v_BxHxKxD = kv
 
     if decode:
-      initialized = self.has_variable("cache", "cached_key")
-      cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxKxHxK.shape, k_BxKxHxK.dtype)
-      cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxKxHxK.shape,
-                               v_BxKxHxK.dtype)
-      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if initialized:
-        if q_BxQxHxK.shape[1] != 1:
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxHxKxD.shape,
+                               k_BxHxKxD.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxHxKxD.shape,
+                               v_BxHxKxD.dtype)
+      if decode_index is not None:
+        if q_BxHxQxD.shape[2] != 1:
           raise ValueError("Cached decoding takes one token per step; got "
-                           f"{q_BxQxHxK.shape[1]} positions")
-        i = cache_index.value
-        k_BxKxHxK = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxKxHxK, i, axis=1)
-        v_BxKxHxK = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxKxHxK, i, axis=1)
-        cached_k.value, cached_v.value = k_BxKxHxK, v_BxKxHxK
-        cache_index.value = i + 1
+                           f"{q_BxHxQxD.shape[2]} positions")
+        k_BxHxKxD = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxHxKxD,
+                                                        decode_index, axis=2)
+        v_BxHxKxD = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxHxKxD,
+                                                        decode_index, axis=2)
+        cached_k.value, cached_v.value = k_BxHxKxD, v_BxHxKxD
 
-    logits_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxKxHxK,
-                                preferred_element_type=jnp.float32)
-    logits_BxHxQxK = logits_BxHxQxK + bias
-    weights = jax.nn.softmax(logits_BxHxQxK, axis=-1)
+    logits_BxHxQxK = einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, cfg, float32_out=True)
+    weights = jax.nn.softmax(logits_BxHxQxK + bias, axis=-1)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-    out_BxQxHxK = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(cfg.activation_dtype), v_BxKxHxK)
-    out_BxQxHxK = constrain(out_BxQxHxK, ("batch", "length", "heads", "kv"))
-    out = out_BxQxHxK.reshape(out_BxQxHxK.shape[:2] + (inner,))
+    out_BxHxQxD = einsum("bhqk,bhkd->bhqd", weights, v_BxHxKxD, cfg)
+    out_BxQxHxD = constrain(out_BxHxQxD.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
+    out = out_BxQxHxD.reshape(out_BxQxHxD.shape[:2] + (inner,))
     return proj(d, ("joined_kv", "embed"), inner ** -0.5, name="out")(out)
 
 
@@ -244,16 +334,19 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-               deterministic: bool = True, decode: bool = False) -> Array:
+               deterministic: bool = True, decode: bool = False,
+               decode_index: Array | None = None,
+               cross_kv: tuple[Array, Array] | None = None) -> Array:
     cfg = self.config
     drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     y = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
     y = Attention(cfg, name="self_attention")(y, y, self_bias, decode=decode,
+                                              decode_index=decode_index,
                                               deterministic=deterministic)
     x = x + drop(y, deterministic=deterministic)
     y = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
     y = Attention(cfg, name="encoder_decoder_attention")(y, encoded, cross_bias,
-                                                         deterministic=deterministic)
+                                                         deterministic=deterministic, kv=cross_kv)
     x = x + drop(y, deterministic=deterministic)
     y = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
     y = MLP(cfg, name="mlp")(y, deterministic=deterministic)
@@ -266,6 +359,17 @@ def _remat(layer_cls, policy: str, static_argnums: tuple[int, ...]):
     return layer_cls
   jax_policy = None if policy == "full" else jax.checkpoint_policies.checkpoint_dots
   return nn.remat(layer_cls, policy=jax_policy, static_argnums=static_argnums)
+
+
+def _scan_layers(body: Callable, length: int, in_axes) -> Callable:
+  """`nn.scan` of `body(layer, carry, *xs) -> (carry, None)` over stacked layer parameters.
+
+  Parameters get a leading `layers` axis (logical name "layers"); decoding caches are stacked on
+  axis 1 so that their batch axis stays leading, as `decoding` expects of every cache leaf.
+  """
+  return nn.scan(body, variable_axes={"params": 0, "cache": 1},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Encoder(nn.Module):
@@ -289,8 +393,13 @@ class Encoder(nn.Module):
     bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(length, length)
     bias = bias + masks.mask_to_bias(masks.fully_visible_mask(valid, valid))
     layer = _remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
-    for i in range(cfg.num_encoder_layers):
-      x = layer(cfg, name=f"layers_{i}")(x, bias, deterministic)
+    if cfg.scan_layers:
+      body = lambda mdl, x, bias: (mdl(x, bias, deterministic), None)
+      x, _ = _scan_layers(body, cfg.num_encoder_layers, nn.broadcast)(
+          layer(cfg, name="layers"), x, bias)
+    else:
+      for i in range(cfg.num_encoder_layers):
+        x = layer(cfg, name=f"layers_{i}")(x, bias, deterministic)
     x = RMSNorm(cfg, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     # Zero the outputs at padding so nothing downstream can depend on what pads computed.
@@ -303,7 +412,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded_BxSxD: Array, encoder_valid_BxS: Array, tokens_BxT: Array, *,
-               enable_dropout: bool = False, decode: bool = False) -> Array:
+               enable_dropout: bool = False, decode: bool = False,
+               cross_kv: dict | None = None) -> Array:
     cfg = self.config
     deterministic = not enable_dropout
     y = self.shared_embedding(tokens_BxT)
@@ -311,16 +421,17 @@ class Decoder(nn.Module):
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
     length = y.shape[1]
+    index = None
     if decode and self.has_variable("cache", "position"):
       # One step: attend to the cache positions written so far, this one included.
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
       written = self.variable("cache", "written", lambda: None)
-      i = position.value
-      written.value = written.value.at[i].set(True)
+      index = position.value
+      written.value = written.value.at[index].set(True)
       max_len = written.value.shape[0]
-      self_bias = relpos(1, max_len, query_position=i)
+      self_bias = relpos(1, max_len, query_position=index)
       self_bias = self_bias + masks.mask_to_bias(written.value[None, None, None, :])
-      position.value = i + 1
+      position.value = index + 1
     else:
       if decode:  # initialising the cache: its length is this call's length
         self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
@@ -328,9 +439,17 @@ class Decoder(nn.Module):
       self_bias = relpos(length, length) + masks.mask_to_bias(masks.causal_mask(length))
     cross_bias = masks.mask_to_bias(masks.key_mask(encoder_valid_BxS))
     layer = _remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6))
-    for i in range(cfg.num_decoder_layers):
-      y = layer(cfg, name=f"layers_{i}")(y, encoded_BxSxD, self_bias, cross_bias,
-                                         deterministic, decode)
+    if cfg.scan_layers:
+      def body(mdl, y, encoded, self_bias, cross_bias, index, kv):
+        return mdl(y, encoded, self_bias, cross_bias, deterministic, decode, index, kv), None
+      kv = None if cross_kv is None else cross_kv["layers"]
+      y, _ = _scan_layers(body, cfg.num_decoder_layers, (nn.broadcast,) * 4 + (0,))(
+          layer(cfg, name="layers"), y, encoded_BxSxD, self_bias, cross_bias, index, kv)
+    else:
+      for i in range(cfg.num_decoder_layers):
+        kv = None if cross_kv is None else cross_kv[f"layers_{i}"]
+        y = layer(cfg, name=f"layers_{i}")(y, encoded_BxSxD, self_bias, cross_bias,
+                                           deterministic, decode, index, kv)
     y = RMSNorm(cfg, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.tie_word_embeddings:
@@ -364,10 +483,32 @@ class T5(nn.Module):
              enable_dropout: bool = False) -> Array:
     return self.encoder(encoder_input_tokens, prompt_index, enable_dropout=enable_dropout)
 
+  def cross_attention_kv(self, encoded_BxSxD: Array) -> dict:
+    """Each decoder layer's encoder-decoder attention keys and values `[B, H, S, D]`.
+
+    They depend on the encoder output only, so cached decoding computes them once per sequence
+    and passes them to every step (`decode(..., cross_kv=...)`) instead of projecting the whole
+    encoder output again for each generated token. Keyed like the decoder's layers
+    (`layers_{i}`, or `layers` with a leading layer axis when scanned). Stored in
+    `matmul_dtype` when set: the attention would round them to it at every step anyway.
+    """
+    cfg = self.config
+    layers = nn.meta.unbox(self.variables["params"]["decoder"])
+    dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
+
+    def project(attention):
+      return tuple(_split_heads(matmul(encoded_BxSxD, attention[name]["kernel"], cfg),
+                                cfg.num_heads).astype(dtype) for name in ("key", "value"))
+    if cfg.scan_layers:
+      return {"layers": jax.vmap(project)(layers["layers"]["encoder_decoder_attention"])}
+    return {f"layers_{i}": project(layers[f"layers_{i}"]["encoder_decoder_attention"])
+            for i in range(cfg.num_decoder_layers)}
+
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             *, enable_dropout: bool = False, decode: bool = False) -> Array:
+             *, enable_dropout: bool = False, decode: bool = False,
+             cross_kv: dict | None = None) -> Array:
     return self.decoder(encoded, self.encoder_valid(encoder_input_tokens), decoder_input_tokens,
-                        enable_dropout=enable_dropout, decode=decode)
+                        enable_dropout=enable_dropout, decode=decode, cross_kv=cross_kv)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array | None = None, *, prompt_index: Array | None = None,

@@ -1,0 +1,150 @@
+"""Speed of prompt tuning T5 1.1 Small on this machine: train step, forward, greedy decoding.
+
+  python benchmarks/train_step.py --batch 8 --inputs 128 --targets 32 --prompt 100 --dtype f32 --json
+  python benchmarks/train_step.py --batch 8 --inputs 128 --targets 32 --prompt 100 --dtype bf16 --json
+
+Random weights, dropout 0, full-length rows (no padding). The last line printed is one JSON object
+(keys in `common.KEYS`); `benchmarks/peft_baseline.py` prints the same keys for HF PEFT, and
+`benchmarks/compare.py` runs both and prints the ratios. `--quick --tiny` is the CI smoke run.
+
+`--dtype bf16` is the fast path (`T5Config.matmul_dtype="bfloat16"`): frozen weights stored in
+bfloat16, every matmul takes bfloat16 inputs and accumulates in float32, forward and backward;
+the prompt, the residual stream, norms, softmax and the loss stay float32.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from prompt_tuning import decoding, optimizers, train_lib  # noqa: E402
+from prompt_tuning.config import T5Config  # noqa: E402
+from prompt_tuning.model import T5  # noqa: E402
+from prompt_tuning.models import EncoderDecoderModel  # noqa: E402
+from prompt_tuning.prompts import PromptConfig  # noqa: E402
+
+
+def build_config(args) -> T5Config:
+  s = common.SIZES[args.size]
+  cfg = T5Config(vocab_size=s["vocab_size"], d_model=s["d_model"], d_kv=s["d_kv"],
+                 d_ff=s["d_ff"], num_heads=s["num_heads"], num_encoder_layers=s["num_layers"],
+                 num_decoder_layers=s["num_layers"], mlp_activations=("gelu", "linear"),
+                 tie_word_embeddings=False, dropout_rate=0.0)
+  if args.dtype == "bf16":
+    cfg = cfg.replace(matmul_dtype="bfloat16")
+  return cfg
+
+
+def compile_timed(jitted, *example_args):
+  """`(compiled, seconds to lower and compile)`."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*example_args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0]
+  return float(cost.get("flops", 0.0))
+
+
+def main(argv=None) -> dict:
+  args = common.parse(common.parser(__doc__.splitlines()[0]), argv)
+  cfg = build_config(args)
+  module = T5(cfg, prompt=PromptConfig(length=args.prompt))
+  model = EncoderDecoderModel(module)
+  batch = {k: jnp.asarray(v) for k, v in common.random_batch(args, cfg.vocab_size).items()}
+  rng = jax.random.PRNGKey(0)
+  sync = jax.block_until_ready
+  timing = dict(steps=args.steps, warmup=args.warmup, sync=sync)
+  common.log(args, f"config {args.size} dtype {args.dtype} devices {jax.devices()}")
+
+  init_tokens = jnp.ones((1, 4), jnp.int32)
+  params = jax.jit(lambda r: nn.meta.unbox(module.init(r, init_tokens, init_tokens)["params"]))(
+      jax.random.PRNGKey(1))
+  trainable, frozen = optimizers.split_params(params)
+  frozen_dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+  frozen = optimizers.cast_floats(frozen, frozen_dtype)
+
+  # Prompt tuning: gradients of the prompt only, Adafactor as in the paper.
+  tx = optimizers.prompt_tuning_optimizer(0.3)
+  state = train_lib.create_train_state(trainable, tx)
+  step, compile_s = compile_timed(train_lib.jit_train_step(model, tx), state, frozen, batch, rng)
+  flops_prompt = flops_of(step)
+  common.log(args, f"prompt step compiled in {compile_s:.1f}s, {flops_prompt / 1e9:.1f} GFLOP")
+  holder = [state]
+
+  def prompt_step():
+    holder[0], metrics = step(holder[0], frozen, batch, rng)
+    return metrics["loss"]
+  prompt_ms = common.median_ms(prompt_step, **timing)
+  common.log(args, f"prompt step {prompt_ms:.0f} ms")
+
+  # Teacher-forced forward (the eval loss).
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
+  eval_c, _ = compile_timed(eval_fn, holder[0].params, frozen, batch)
+  eval_ms = common.median_ms(lambda: eval_c(holder[0].params, frozen, batch), **timing)
+  common.log(args, f"eval forward {eval_ms:.0f} ms")
+
+  # Cached greedy decoding of exactly `--decode` tokens: eos_id=-1 is never produced, so no row
+  # stops early (the loop would otherwise exit once every row has emitted EOS).
+  full_params = optimizers.merge_params(holder[0].params, frozen)
+  enc = batch["encoder_input_tokens"]
+  greedy = lambda: decoding.greedy(module, full_params, enc, max_decode_length=args.decode,
+                                   eos_id=-1)
+  greedy_ms = common.median_ms(greedy, **timing)
+  common.log(args, f"greedy {args.decode} tokens {greedy_ms:.0f} ms")
+  del full_params
+
+  # Full fine-tuning of the same shapes: every parameter trainable (float32 master weights).
+  all_params = optimizers.merge_params(holder[0].params, optimizers.cast_floats(frozen,
+                                                                                jnp.float32))
+  del holder[:]
+  ft_tx = optimizers.model_tuning_optimizer(1e-3)
+  ft_trainable, ft_frozen = optimizers.split_params(all_params, optimizers.ALL_PATTERNS)
+  ft_state = train_lib.create_train_state(ft_trainable, ft_tx)
+  ft_step, ft_compile_s = compile_timed(train_lib.jit_train_step(model, ft_tx), ft_state,
+                                        ft_frozen, batch, rng)
+  flops_full = flops_of(ft_step)
+  ft_holder = [ft_state]
+
+  def full_step():
+    ft_holder[0], metrics = ft_step(ft_holder[0], ft_frozen, batch, rng)
+    return metrics["loss"]
+  full_ms = common.median_ms(full_step, **timing)
+  common.log(args, f"full fine-tuning step {full_ms:.0f} ms, compiled in {ft_compile_s:.1f}s")
+
+  tokens = args.batch * (args.inputs + args.prompt + args.targets)
+  result = {
+      "prompt_step_ms": round(prompt_ms, 2),
+      "full_ft_step_ms": round(full_ms, 2),
+      "eval_fwd_ms": round(eval_ms, 2),
+      "greedy32_ms": round(greedy_ms, 2),
+      "compile_s": round(compile_s, 2),
+      "flops_prompt_step": flops_prompt,
+      "flops_full_step": flops_full,
+      "gflops_per_s": round(flops_prompt / (prompt_ms / 1e3) / 1e9, 1),
+      "peak_rss_mb": round(common.peak_rss_mb(), 1),
+      "flops_ratio_prompt_full": round(flops_prompt / max(flops_full, 1.0), 3),
+      "tokens_per_s": round(tokens / (prompt_ms / 1e3), 1),
+      "framework": "jax", "dtype": args.dtype, "size": args.size, "batch": args.batch,
+      "inputs": args.inputs, "targets": args.targets, "prompt": args.prompt,
+      "decode_tokens": args.decode, "steps": args.steps, "backend": jax.default_backend(),
+  }
+  common.emit(result)
+  return result
+
+
+if __name__ == "__main__":
+  main()
