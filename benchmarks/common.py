@@ -40,6 +40,8 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--quick", action="store_true", help="CI mode: 2 timed steps, 1 warm-up")
   p.add_argument("--json", action="store_true", help="print only the JSON line")
+  p.add_argument("--only", default="prompt,eval,greedy,full",
+                 help="comma-separated subset of prompt,eval,greedy,full (others are null)")
   return p
 
 
@@ -49,6 +51,10 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args.size = "tiny"
   if args.quick:
     args.steps, args.warmup = 2, 1
+  args.only = set(args.only.split(","))
+  unknown = args.only - {"prompt", "eval", "greedy", "full"}
+  if unknown:
+    p.error(f"--only: unknown measurements {sorted(unknown)}")
   return args
 
 

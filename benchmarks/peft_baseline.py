@@ -65,8 +65,8 @@ def main(argv=None) -> dict:
     ft_opt.step()
     ft_opt.zero_grad(set_to_none=True)
     return loss
-  full_ms = common.median_ms(full_step, **timing)
-  common.log(args, f"full fine-tuning step {full_ms:.0f} ms")
+  full_ms = common.median_ms(full_step, **timing) if "full" in args.only else None
+  common.log(args, f"full fine-tuning step {full_ms} ms")
   del ft_opt
 
   config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM,
@@ -87,16 +87,16 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   prompt_step()
   first_step_s = time.perf_counter() - t0
-  prompt_ms = common.median_ms(prompt_step, **timing)
-  common.log(args, f"prompt step {prompt_ms:.0f} ms")
+  prompt_ms = common.median_ms(prompt_step, **timing) if "prompt" in args.only else None
+  common.log(args, f"prompt step {prompt_ms} ms")
 
   model.eval()
 
   def forward():
     with torch.no_grad(), autocast():
       return model(input_ids=enc, attention_mask=mask, labels=labels).loss
-  eval_ms = common.median_ms(forward, **timing)
-  common.log(args, f"eval forward {eval_ms:.0f} ms")
+  eval_ms = common.median_ms(forward, **timing) if "eval" in args.only else None
+  common.log(args, f"eval forward {eval_ms} ms")
 
   def generate():
     with torch.no_grad(), autocast():
@@ -105,21 +105,22 @@ def main(argv=None) -> dict:
     # The decoder start token plus exactly `decode` new tokens.
     assert out.shape == (args.batch, args.decode + 1), out.shape
     return out
-  greedy_ms = common.median_ms(generate, **timing)
-  common.log(args, f"generate {args.decode} tokens {greedy_ms:.0f} ms")
+  greedy_ms = common.median_ms(generate, **timing) if "greedy" in args.only else None
+  common.log(args, f"generate {args.decode} tokens {greedy_ms} ms")
 
   tokens = args.batch * (args.inputs + args.prompt + args.targets)
+  r2 = lambda x: None if x is None else round(x, 2)
   result = {
-      "prompt_step_ms": round(prompt_ms, 2),
-      "full_ft_step_ms": round(full_ms, 2),
-      "eval_fwd_ms": round(eval_ms, 2),
-      "greedy32_ms": round(greedy_ms, 2),
+      "prompt_step_ms": r2(prompt_ms),
+      "full_ft_step_ms": r2(full_ms),
+      "eval_fwd_ms": r2(eval_ms),
+      "greedy32_ms": r2(greedy_ms),
       "compile_s": round(first_step_s, 2),  # eager: the first step's time
       "flops_prompt_step": None,
       "flops_full_step": None,
       "gflops_per_s": None,
       "peak_rss_mb": round(common.peak_rss_mb(), 1),
-      "tokens_per_s": round(tokens / (prompt_ms / 1e3), 1),
+      "tokens_per_s": None if prompt_ms is None else round(tokens / (prompt_ms / 1e3), 1),
       "framework": f"torch {torch.__version__} + peft {peft.__version__}",
       "dtype": args.dtype, "size": args.size, "batch": args.batch, "inputs": args.inputs,
       "targets": args.targets, "prompt": args.prompt, "decode_tokens": args.decode,

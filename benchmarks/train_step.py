@@ -59,8 +59,20 @@ def flops_of(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
+def matmul_peak_gflops(dtype: str, n: int) -> float:
+  """This machine's rate on an n x n x n matmul: float32, or bf16 inputs with f32 accumulation."""
+  low = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(low)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  ms = common.median_ms(lambda: dot(a, a), steps=5, warmup=2, sync=jax.block_until_ready)
+  return 2 * n ** 3 / (ms / 1e3) / 1e9
+
+
 def main(argv=None) -> dict:
-  args = common.parse(common.parser(__doc__.splitlines()[0]), argv)
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="nominal peak for MFU (default: the matmul rate measured here)")
+  args = common.parse(p, argv)
   cfg = build_config(args)
   module = T5(cfg, prompt=PromptConfig(length=args.prompt))
   model = EncoderDecoderModel(module)
@@ -76,72 +88,82 @@ def main(argv=None) -> dict:
   trainable, frozen = optimizers.split_params(params)
   frozen_dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   frozen = optimizers.cast_floats(frozen, frozen_dtype)
+  result = dict.fromkeys(common.KEYS)
 
-  # Prompt tuning: gradients of the prompt only, Adafactor as in the paper.
+  # Prompt tuning: gradients of the prompt only, Adafactor as in the paper. Always compiled: its
+  # FLOPs and compile time are reported even when it is not timed.
   tx = optimizers.prompt_tuning_optimizer(0.3)
   state = train_lib.create_train_state(trainable, tx)
   step, compile_s = compile_timed(train_lib.jit_train_step(model, tx), state, frozen, batch, rng)
   flops_prompt = flops_of(step)
+  result.update(compile_s=round(compile_s, 2), flops_prompt_step=flops_prompt)
   common.log(args, f"prompt step compiled in {compile_s:.1f}s, {flops_prompt / 1e9:.1f} GFLOP")
   holder = [state]
 
-  def prompt_step():
-    holder[0], metrics = step(holder[0], frozen, batch, rng)
-    return metrics["loss"]
-  prompt_ms = common.median_ms(prompt_step, **timing)
-  common.log(args, f"prompt step {prompt_ms:.0f} ms")
+  if "prompt" in args.only:
+    def prompt_step():
+      holder[0], metrics = step(holder[0], frozen, batch, rng)
+      return metrics["loss"]
+    prompt_ms = common.median_ms(prompt_step, **timing)
+    common.log(args, f"prompt step {prompt_ms:.0f} ms")
+    tokens = args.batch * (args.inputs + args.prompt + args.targets)
+    result.update(prompt_step_ms=round(prompt_ms, 2),
+                  gflops_per_s=round(flops_prompt / (prompt_ms / 1e3) / 1e9, 1),
+                  tokens_per_s=round(tokens / (prompt_ms / 1e3), 1))
 
-  # Teacher-forced forward (the eval loss).
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
-  eval_c, _ = compile_timed(eval_fn, holder[0].params, frozen, batch)
-  eval_ms = common.median_ms(lambda: eval_c(holder[0].params, frozen, batch), **timing)
-  common.log(args, f"eval forward {eval_ms:.0f} ms")
+  if "eval" in args.only:  # teacher-forced forward (the eval loss)
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
+    eval_c, _ = compile_timed(eval_fn, holder[0].params, frozen, batch)
+    eval_ms = common.median_ms(lambda: eval_c(holder[0].params, frozen, batch), **timing)
+    result["eval_fwd_ms"] = round(eval_ms, 2)
+    common.log(args, f"eval forward {eval_ms:.0f} ms")
 
-  # Cached greedy decoding of exactly `--decode` tokens: eos_id=-1 is never produced, so no row
-  # stops early (the loop would otherwise exit once every row has emitted EOS).
-  full_params = optimizers.merge_params(holder[0].params, frozen)
-  enc = batch["encoder_input_tokens"]
-  greedy = lambda: decoding.greedy(module, full_params, enc, max_decode_length=args.decode,
-                                   eos_id=-1)
-  greedy_ms = common.median_ms(greedy, **timing)
-  common.log(args, f"greedy {args.decode} tokens {greedy_ms:.0f} ms")
-  del full_params
+  if "greedy" in args.only:
+    # Cached greedy decoding of exactly `--decode` tokens: eos_id=-1 is never produced, so no
+    # row stops early (the loop would otherwise exit once every row has emitted EOS).
+    full_params = optimizers.merge_params(holder[0].params, frozen)
+    enc = batch["encoder_input_tokens"]
+    greedy = lambda: decoding.greedy(module, full_params, enc, max_decode_length=args.decode,
+                                     eos_id=-1)
+    greedy_ms = common.median_ms(greedy, **timing)
+    result["greedy32_ms"] = round(greedy_ms, 2)
+    common.log(args, f"greedy {args.decode} tokens {greedy_ms:.0f} ms")
+    del full_params
 
-  # Full fine-tuning of the same shapes: every parameter trainable (float32 master weights).
-  all_params = optimizers.merge_params(holder[0].params, optimizers.cast_floats(frozen,
-                                                                                jnp.float32))
-  del holder[:]
-  ft_tx = optimizers.model_tuning_optimizer(1e-3)
-  ft_trainable, ft_frozen = optimizers.split_params(all_params, optimizers.ALL_PATTERNS)
-  ft_state = train_lib.create_train_state(ft_trainable, ft_tx)
-  ft_step, ft_compile_s = compile_timed(train_lib.jit_train_step(model, ft_tx), ft_state,
-                                        ft_frozen, batch, rng)
-  flops_full = flops_of(ft_step)
-  ft_holder = [ft_state]
+  if "full" in args.only:
+    # Full fine-tuning of the same shapes: every parameter trainable (float32 master weights).
+    all_params = optimizers.merge_params(holder[0].params,
+                                         optimizers.cast_floats(frozen, jnp.float32))
+    ft_tx = optimizers.model_tuning_optimizer(1e-3)
+    ft_trainable, ft_frozen = optimizers.split_params(all_params, optimizers.ALL_PATTERNS)
+    ft_state = train_lib.create_train_state(ft_trainable, ft_tx)
+    del holder[:], all_params
+    ft_step, ft_compile_s = compile_timed(train_lib.jit_train_step(model, ft_tx), ft_state,
+                                          ft_frozen, batch, rng)
+    flops_full = flops_of(ft_step)
+    ft_holder = [ft_state]
 
-  def full_step():
-    ft_holder[0], metrics = ft_step(ft_holder[0], ft_frozen, batch, rng)
-    return metrics["loss"]
-  full_ms = common.median_ms(full_step, **timing)
-  common.log(args, f"full fine-tuning step {full_ms:.0f} ms, compiled in {ft_compile_s:.1f}s")
+    def full_step():
+      ft_holder[0], metrics = ft_step(ft_holder[0], ft_frozen, batch, rng)
+      return metrics["loss"]
+    full_ms = common.median_ms(full_step, **timing)
+    result.update(full_ft_step_ms=round(full_ms, 2), flops_full_step=flops_full,
+                  flops_ratio_prompt_full=round(flops_prompt / max(flops_full, 1.0), 3))
+    common.log(args, f"full fine-tuning step {full_ms:.0f} ms, compiled in {ft_compile_s:.1f}s")
 
-  tokens = args.batch * (args.inputs + args.prompt + args.targets)
-  result = {
-      "prompt_step_ms": round(prompt_ms, 2),
-      "full_ft_step_ms": round(full_ms, 2),
-      "eval_fwd_ms": round(eval_ms, 2),
-      "greedy32_ms": round(greedy_ms, 2),
-      "compile_s": round(compile_s, 2),
-      "flops_prompt_step": flops_prompt,
-      "flops_full_step": flops_full,
-      "gflops_per_s": round(flops_prompt / (prompt_ms / 1e3) / 1e9, 1),
-      "peak_rss_mb": round(common.peak_rss_mb(), 1),
-      "flops_ratio_prompt_full": round(flops_prompt / max(flops_full, 1.0), 3),
-      "tokens_per_s": round(tokens / (prompt_ms / 1e3), 1),
-      "framework": "jax", "dtype": args.dtype, "size": args.size, "batch": args.batch,
-      "inputs": args.inputs, "targets": args.targets, "prompt": args.prompt,
-      "decode_tokens": args.decode, "steps": args.steps, "backend": jax.default_backend(),
-  }
+  # The machine's matmul rate in the same process, so utilisation is measured, not assumed.
+  on_cpu = jax.default_backend() == "cpu"
+  peak = matmul_peak_gflops(args.dtype, 2048 if on_cpu else 8192)
+  result["matmul_peak_gflops"] = round(peak, 1)
+  if result["gflops_per_s"]:
+    result["utilisation_of_matmul_peak"] = round(result["gflops_per_s"] / peak, 3)
+    if args.peak_tflops:
+      result["mfu"] = round(result["gflops_per_s"] / (args.peak_tflops * 1e3), 3)
+  result.update(
+      peak_rss_mb=round(common.peak_rss_mb(), 1), framework=f"jax {jax.__version__}",
+      dtype=args.dtype, size=args.size, batch=args.batch, inputs=args.inputs,
+      targets=args.targets, prompt=args.prompt, decode_tokens=args.decode, steps=args.steps,
+      backend=jax.default_backend(), device=str(jax.devices()[0].device_kind))
   common.emit(result)
   return result
 

@@ -49,3 +49,6 @@ def test_mesh_and_batch_errors_are_clear():
     memory_plan.parse_mesh("data=4,tensor=4")
   with pytest.raises(ValueError, match="not divisible"):
     memory_plan.main(SMALL[:-1] + ["--batch", "3"])
+  # T5 1.1 Small has 6 heads: a model-parallel size of 4 cannot split them.
+  with pytest.raises(ValueError, match="divides the number of heads"):
+    memory_plan.main([a.replace("data=2,model=2", "data=1,model=4") for a in SMALL])

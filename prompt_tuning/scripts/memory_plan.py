@@ -89,6 +89,21 @@ def _ensure_devices(n: int, argv: Sequence[str]) -> None:
                              *argv], env)
 
 
+def _flat(shapes, shardings):
+  import flax
+  flat_s = flax.traverse_util.flatten_dict(shapes, sep="/")
+  flat_sh = flax.traverse_util.flatten_dict(shardings, sep="/")
+  return [(k, (flat_s[k], flat_sh[k])) for k in flat_s]
+
+
+def _divides(shape, sharding) -> bool:
+  try:
+    sharding.shard_shape(tuple(shape))
+  except ValueError:  # jax's IndivisibleError
+    return False
+  return True
+
+
 def _shard_bytes(shape, dtype, sharding) -> int:
   import numpy as np
   return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -160,6 +175,11 @@ def plan(args: argparse.Namespace) -> dict:
   boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), enc, dec)["params"]
   shardings = part.shardings_from_boxed(boxed)
   shapes = nn.meta.unbox(boxed)
+  for path, (s, sh) in _flat(shapes, shardings):
+    if not _divides(s.shape, sh):
+      raise ValueError(f"{path} {tuple(s.shape)} cannot be split evenly by {sh.spec} over mesh "
+                       f"{dict(mesh.shape)}: choose a model-parallel size that divides the "
+                       f"number of heads ({config.num_heads}) and d_ff ({config.d_ff})")
   trainable_shapes, frozen_shapes = optimizers.split_params(shapes)
   trainable_sh, frozen_sh = optimizers.split_params(shardings)
   frozen_dtype = jnp.dtype(args.frozen_dtype)
