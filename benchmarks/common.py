@@ -58,6 +58,22 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
   return args
 
 
+def forward_flops(size: dict, args) -> float:
+  """Analytic matmul FLOPs of one teacher-forced forward pass (T5 1.1: gated MLP, untied logits).
+
+  A prompt-only train step costs about twice this (the backward computes activation gradients
+  only, no weight gradients): `2 * forward_flops` is the model-FLOPs count for MFU. XLA:GPU's
+  cost_analysis leaves out library GEMMs, so MFU on GPUs must not use it.
+  """
+  b, s, t = args.batch, args.inputs + args.prompt, args.targets
+  d, inner, ff = size["d_model"], size["num_heads"] * size["d_kv"], size["d_ff"]
+  mlp = 3 * d * ff
+  enc = b * s * (4 * d * inner + mlp) + b * 2 * s * s * inner
+  dec = b * t * (2 * d * inner + 2 * d * inner + mlp) + b * s * 2 * d * inner
+  dec += b * (2 * t * t + 2 * t * s) * inner
+  return 2.0 * (size["num_layers"] * (enc + dec) + b * t * d * size["vocab_size"])
+
+
 def random_batch(args, vocab_size: int) -> dict[str, np.ndarray]:
   """Full-length inputs and targets (no padding) ending in EOS, like a packed-free T5 batch."""
   rng = np.random.RandomState(0)

@@ -5,9 +5,9 @@
 #
 # Runs benchmarks/train_step.py (random Base weights, P=100, batch 32, 512 input + 32 target
 # tokens) in bf16 (prompt step, teacher-forced forward, greedy decoding of 32 tokens) and in f32
-# (prompt step), then prints tokens/s and model-FLOPs utilisation (FLOPs from XLA's
-# cost_analysis of the compiled step; nominal peak PEAK_TFLOPS, default 989 = H100/H200 SXM dense
-# bf16). Needs python3 with jax[cuda], flax and optax (no gin, seqio or torch). Writes the JSON
+# (prompt step), then prints tokens/s and model-FLOPs utilisation (analytic model FLOPs, as
+# XLA:GPU's cost_analysis leaves out library GEMMs; nominal peak PEAK_TFLOPS, default 989 =
+# H100/H200 SXM dense bf16). Needs python3 with jax[cuda], flax and optax (no gin, seqio or torch). Writes the JSON
 # lines to $OUT (or /tmp) as gpu_check.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +39,8 @@ for line in open(sys.argv[1]):
   parts = [f"{r['dtype']} on {r['device']}:",
            f"prompt step {r['prompt_step_ms']:.1f} ms",
            f"{r['tokens_per_s']:.0f} tokens/s",
-           f"{r['gflops_per_s'] / 1e3:.1f} TFLOP/s",
-           f"MFU {100 * r['gflops_per_s'] / 1e3 / peak:.1f}% of {peak:g} TFLOP/s",
+           f"{r['model_gflops_per_s'] / 1e3:.1f} model TFLOP/s",
+           f"MFU {100 * r['model_gflops_per_s'] / 1e3 / peak:.1f}% of {peak:g} TFLOP/s",
            f"({100 * r['utilisation_of_matmul_peak']:.1f}% of the measured "
            f"{r['matmul_peak_gflops'] / 1e3:.0f} TFLOP/s matmul)",
            f"compile {r['compile_s']:.1f} s"]

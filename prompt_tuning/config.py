@@ -37,10 +37,11 @@ class T5Config:
   param_dtype: str = "float32"  # storage of newly initialised parameters
   # Rematerialisation of each layer in the backward pass: "none", "full" or "dots".
   remat_policy: str = "none"
-  # None: matmuls take `dtype` inputs (exact float32 by default). "bfloat16": every matmul rounds
-  # its inputs to bfloat16 and accumulates in float32, in the forward and the backward pass,
-  # while activations, norms, softmax and the loss stay in `dtype`. With frozen weights stored in
-  # bfloat16 this is the fast path on CPU (about 2x the float32 matmul rate) and on GPUs.
+  # None: matmuls take `dtype` inputs (exact float32 by default). "bfloat16": every weight
+  # matmul rounds its inputs to bfloat16 and accumulates in float32, in the forward and the
+  # backward pass, while activations, attention, norms, softmax and the loss stay in `dtype`.
+  # With frozen weights stored in bfloat16 this is the fast path on CPU (about 2x the float32
+  # matmul rate) and on GPUs.
   matmul_dtype: str | None = None
   # Stack each stack's layers under one `layers` parameter with a leading "layers" axis and run
   # them with `nn.scan`: one layer's program, compiled once (T5X's scanned layout; convert

@@ -10,12 +10,12 @@ An optional `PromptConfig` adds the trainable prompt at `encoder/prompt/prompt`,
 the embedded encoder input before dropout. Everything else is the frozen model.
 
 Speed and scale options (all in `T5Config`, all off by default so float32 stays exact):
-`matmul_dtype="bfloat16"` rounds every matmul's inputs to bfloat16 and accumulates in float32,
-in the forward and the backward pass (`mixed_einsum`); `scan_layers` stacks each stack's layers
-under one `layers` parameter with a leading `layers` axis (see `scan_conversion.py` for the
-T5X per-layer layout); `remat_policy` rematerialises each layer in the backward pass. For
-decoding, `T5.cross_attention_kv` computes every layer's encoder-decoder keys and values once
-per sequence instead of once per generated token.
+`matmul_dtype="bfloat16"` rounds every weight matmul's inputs to bfloat16 and accumulates in
+float32, in the forward and the backward pass (`mixed_einsum`); `scan_layers` stacks each
+stack's layers under one `layers` parameter with a leading `layers` axis (see
+`scan_conversion.py` for the T5X per-layer layout); `remat_policy` rematerialises each layer
+in the backward pass. For decoding, `T5.cross_attention_kv` computes every layer's
+encoder-decoder keys and values once per sequence instead of once per generated token.
 """
 from __future__ import annotations
 
@@ -104,19 +104,16 @@ def mixed_einsum(spec: str, a: Array, b: Array, low_dtype) -> Array:
   return _mixed_einsum(static, a, b)
 
 
-def einsum(spec: str, a: Array, b: Array, config: T5Config, *, float32_out: bool = False) -> Array:
-  """Every matmul of the model goes through here.
+def einsum(spec: str, a: Array, b: Array, config: T5Config) -> Array:
+  """Every weight matmul of the model goes through here.
 
   Default (`matmul_dtype=None`): inputs in the activation dtype, as plain `jnp.einsum`. With
-  `matmul_dtype` set: `mixed_einsum`, the result cast to the activation dtype unless
-  `float32_out` (attention logits stay float32 either way).
+  `matmul_dtype` set: `mixed_einsum`, the float32 result cast to the activation dtype.
   """
   dtype = config.activation_dtype
   if config.matmul_dtype is None:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32 if float32_out else None)
-  out = mixed_einsum(spec, a, b, config.matmul_dtype)
-  return out if float32_out else out.astype(dtype)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
+  return mixed_einsum(spec, a, b, config.matmul_dtype).astype(dtype)
 
 
 def _dense_spec(ndim: int) -> str:
@@ -238,16 +235,29 @@ def _split_heads(x_BxLxHD: Array, num_heads: int) -> Array:
   return constrain(x_BxHxLxD, ("batch", "heads", "length", "kv"))
 
 
+def _attention_einsum(spec: str, a: Array, b: Array, config: T5Config, *,
+                      float32_out: bool = False) -> Array:
+  """Attention's two einsums (no weights involved) always run in the activation dtype.
+
+  `matmul_dtype` is for weight matmuls: in bfloat16, attention's small batched matmuls were
+  slower on XLA:CPU (extra converts) and less accurate (logits and softmax weights rounded).
+  """
+  dtype = config.activation_dtype
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32 if float32_out else None)
+
+
 class Attention(nn.Module):
   """Multi-head attention without 1/sqrt(d) scaling (T5 folds it into the query weights).
 
   Heads are laid out `[B, H, L, D]` for the two attention einsums: with batch and heads leading
   XLA:CPU runs them as plain batched matmuls (from `[B, L, H, D]` the forward pass took about
-  three times as long, measured).
+  three times as long, measured on T5 Small).
 
   With `decode=True` keys and values are kept in a cache (collection "cache") of the length it
-  was initialised with; each step writes one position, `decode_index`, given by the decoder.
-  `kv` passes precomputed keys and values `[B, H, S, D]` (cross-attention while decoding).
+  was initialised with, laid out `[B, H, T, D]`; each step writes one position, `decode_index`,
+  given by the decoder. `kv` passes precomputed keys and values `[B, H, S, D]`
+  (cross-attention while decoding).
   """
 
   config: T5Config
@@ -260,15 +270,17 @@ class Attention(nn.Module):
     h, dh, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     inner = h * dh
     proj = functools.partial(Dense, config=cfg)
-    q_BxHxQxD = _split_heads(
-        proj(inner, ("embed", "joined_kv"), (d * dh) ** -0.5, name="query")(x_q), h)
+    dropout = nn.Dropout(cfg.dropout_rate)
+    q_BxQxHD = proj(inner, ("embed", "joined_kv"), (d * dh) ** -0.5, name="query")(x_q)
     if kv is None:
-      k_BxHxKxD = _split_heads(proj(inner, ("embed", "joined_kv"), d ** -0.5, name="key")(x_kv), h)
-      v_BxHxKxD = _split_heads(
-          proj(inner, ("embed", "joined_kv"), d ** -0.5, name="value")(x_kv), h)
+      k_BxKxHD = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="key")(x_kv)
+      v_BxKxHD = proj(inner, ("embed", "joined_kv"), d ** -0.5, name="value")(x_kv)
+
+    q_BxHxQxD = _split_heads(q_BxQxHD, h)
+    if kv is None:
+      k_BxHxKxD, v_BxHxKxD = _split_heads(k_BxKxHD, h), _split_heads(v_BxKxHD, h)
     else:
       k_BxHxKxD, v_BxHxKxD = kv
-
     if decode:
       cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxHxKxD.shape,
                                k_BxHxKxD.dtype)
@@ -284,10 +296,11 @@ class Attention(nn.Module):
                                                         decode_index, axis=2)
         cached_k.value, cached_v.value = k_BxHxKxD, v_BxHxKxD
 
-    logits_BxHxQxK = einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, cfg, float32_out=True)
+    logits_BxHxQxK = _attention_einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, cfg,
+                                       float32_out=True)
     weights = jax.nn.softmax(logits_BxHxQxK + bias, axis=-1)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-    out_BxHxQxD = einsum("bhqk,bhkd->bhqd", weights, v_BxHxKxD, cfg)
+    weights = dropout(weights, deterministic=deterministic)
+    out_BxHxQxD = _attention_einsum("bhqk,bhkd->bhqd", weights, v_BxHxKxD, cfg)
     out_BxQxHxD = constrain(out_BxHxQxD.transpose(0, 2, 1, 3), ("batch", "length", "heads", "kv"))
     out = out_BxQxHxD.reshape(out_BxQxHxD.shape[:2] + (inner,))
     return proj(d, ("joined_kv", "embed"), inner ** -0.5, name="out")(out)
