@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 SHAPES=${SHAPES:-"--size base --batch 32 --inputs 512 --targets 32 --prompt 100 --decode 32 --steps 10"}
 run() {  # $1: dtype, $2: measurements; keeps going if one run fails or times out
   echo "== $1: $2" >&2
-  timeout 150 $PY benchmarks/train_step.py $SHAPES --dtype "$1" --only "$2" \
+  timeout 110 $PY benchmarks/train_step.py $SHAPES --dtype "$1" --only "$2" \
       --peak_tflops "$PEAK" | tail -n 1 | tee -a "$LOG"
 }
 run bf16 prompt,eval,greedy
