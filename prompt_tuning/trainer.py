@@ -29,6 +29,7 @@ from prompt_tuning import decoding as decoding_lib
 from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
+from prompt_tuning import scan_conversion
 from prompt_tuning import train_lib
 from prompt_tuning.config import T5Config
 from prompt_tuning.model import T5
@@ -124,12 +125,18 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
   """Loads the frozen model, adds and initialises the prompt, splits and places the parameters."""
   from prompt_tuning import pretrained
   if initial_checkpoint_path:
-    loaded, params = pretrained.load_pretrained(initial_checkpoint_path, config=model_config)
+    # Checkpoints hold per-layer weights whatever the runtime layout; stack them below.
+    load_config = None if model_config is None else model_config.replace(scan_layers=False)
+    loaded, params = pretrained.load_pretrained(initial_checkpoint_path, config=load_config)
     config = loaded.config
     if model_config is not None:
-      # Keep the user's runtime choices (dtype, dropout, remat) on the checkpoint's architecture.
+      # Keep the user's runtime choices on the checkpoint's architecture.
       config = config.replace(dtype=model_config.dtype, dropout_rate=model_config.dropout_rate,
-                              remat_policy=model_config.remat_policy)
+                              remat_policy=model_config.remat_policy,
+                              matmul_dtype=model_config.matmul_dtype,
+                              scan_layers=model_config.scan_layers)
+    # Checkpoints are per-layer (T5X layout); scanned models stack the layers after loading.
+    params = scan_conversion.for_config(params, config)
   elif allow_random_init:
     if model_config is None:
       raise ValueError("Random initialisation needs MODEL_CONFIG (include a gin/models/ file)")

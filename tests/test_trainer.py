@@ -224,6 +224,21 @@ def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
   np.testing.assert_equal(_final_prompt(model_dir, 3).shape, (PROMPT_LENGTH, 16))
 
 
+def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
+  """scan_layers=True loads the per-layer checkpoint, stacks it, and trains the same prompt."""
+  from prompt_tuning import dataset, trainer
+  data = dataset.DatasetConfig("demo_taskless_last", {"inputs": 32, "targets": 8}, batch_size=8,
+                               module="tasks.demo")
+  prompts = {}
+  for scan in (False, True):
+    trainer.train(model_dir=str(tmp_path / f"scan_{scan}"), train_dataset=data, train_steps=2,
+                  model_config=tiny_config(vocab_size=384, scan_layers=scan),
+                  prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
+                  initial_checkpoint_path=frozen_checkpoint, checkpoint_period=2)
+    prompts[scan] = _final_prompt(tmp_path / f"scan_{scan}", 2)
+  np.testing.assert_allclose(prompts[True], prompts[False], atol=1e-5)
+
+
 # --- Errors users hit ---------------------------------------------------------------------------
 
 def test_unknown_task_suggests_close_names(tmp_path, frozen_checkpoint):
