@@ -35,3 +35,41 @@ def tiny_config(**overrides):
               relative_attention_max_distance=16)
   base.update(overrides)
   return T5Config(**base)
+
+
+def tiny_hf_t5():
+  """A tiny random HF T5 1.1 (vocab 64, d_model 16) whose greedy outputs vary with the input.
+
+  HF's own init makes such a tiny model repeat one token whatever its input; unit-variance
+  weights, a louder cross-attention and a louder EOS give varied outputs of varied lengths.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_config = transformers.T5Config(
+      vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
+      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+  torch.manual_seed(2)
+  hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
+  with torch.no_grad():
+    for name, p in hf_model.named_parameters():
+      if "layer_norm" not in name:  # every other parameter is a 2-D weight
+        embedding = "shared" in name or "relative_attention_bias" in name
+        p.normal_(0.0, 1.0 if embedding else p.shape[1] ** -0.5)
+      if "EncDecAttention.o" in name:
+        p.mul_(6.0)
+    hf_model.lm_head.weight[1].mul_(3.0)
+  return hf_model
+
+
+@pytest.fixture
+def t5_vocab_file(monkeypatch):
+  """Points the T5 and mT5 vocabularies at the local T5 model (mT5's is not a fixture).
+
+  The vocabularies are shared and load once, so every test in the session uses this file.
+  """
+  path = str(fixture_path("t5_sentencepiece.model"))
+  monkeypatch.setenv("PROMPT_TUNING_T5_VOCAB", path)
+  monkeypatch.setenv("PROMPT_TUNING_MT5_VOCAB", path)
+  return path

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from prompt_tuning import T5, PromptConfig, decoding
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_hf_t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin" / "decoding"
 MAX_LEN = 10
@@ -334,26 +334,9 @@ def test_gin_files_bind_a_decoding_config(name, method):
 def test_greedy_matches_hf_generate(tmp_path):
   """Greedy token ids equal HF `generate` on a tiny random T5 1.1 loaded by `load_pretrained`."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   pytest.importorskip("prompt_tuning.pretrained")
   import prompt_tuning
-  hf_config = transformers.T5Config(
-      vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-  torch.manual_seed(2)
-  hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
-  with torch.no_grad():
-    # HF's own init gives a tiny model that repeats one token whatever the input. Unit-variance
-    # rows, a louder cross-attention and a louder EOS give varied outputs of varied lengths.
-    for name, p in hf_model.named_parameters():
-      if "layer_norm" not in name:  # every other parameter is a 2-D weight
-        embedding = "shared" in name or "relative_attention_bias" in name
-        p.normal_(0.0, 1.0 if embedding else p.shape[1] ** -0.5)
-      if "EncDecAttention.o" in name:
-        p.mul_(6.0)
-    hf_model.lm_head.weight[1].mul_(3.0)
+  hf_model = tiny_hf_t5()
   hf_model.save_pretrained(tmp_path)
   model, params = prompt_tuning.load_pretrained(str(tmp_path))
 

@@ -9,6 +9,7 @@ from flax import serialization
 
 import prompt_tuning
 from prompt_tuning import PromptConfig, T5, decoding, initializers, prompt_io
+from tests.conftest import tiny_hf_t5
 
 PROMPT_LENGTH, MAX_LEN = 3, 10
 ENC = np.array([[5, 9, 33, 20, 7, 1, 0], [17, 2, 1, 0, 0, 0, 0], [40, 41, 42, 43, 44, 45, 1],
@@ -21,25 +22,9 @@ def test_peft_greedy_equals_ours_with_the_exported_prompt(tmp_path):
   exported adapter generates (greedy) the same tokens as our decoder, and PEFT's own save of
   that adapter imports back to the same prompt."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  hf_config = transformers.T5Config(
-      vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
-      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-  torch.manual_seed(2)
-  hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
-  with torch.no_grad():
-    # HF's init makes a tiny model repeat one token whatever its input; unit-variance weights,
-    # a louder cross-attention and a louder EOS give varied outputs of varied lengths.
-    for name, p in hf_model.named_parameters():
-      if "layer_norm" not in name:
-        embedding = "shared" in name or "relative_attention_bias" in name
-        p.normal_(0.0, 1.0 if embedding else p.shape[1] ** -0.5)
-      if "EncDecAttention.o" in name:
-        p.mul_(6.0)
-    hf_model.lm_head.weight[1].mul_(3.0)
+  hf_model = tiny_hf_t5()
+  hf_config = hf_model.config
   base_dir = tmp_path / "hf_t5"
   hf_model.save_pretrained(base_dir)
   frozen_model, frozen = prompt_tuning.load_pretrained(str(base_dir))
