@@ -58,13 +58,17 @@ def main(argv=None) -> dict:
   ft_opt = Adafactor(base.parameters(), lr=1e-3, relative_step=False, scale_parameter=False,
                      warmup_init=False)
 
-  def full_step():
-    with autocast():
-      loss = base(input_ids=enc, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    ft_opt.step()
-    ft_opt.zero_grad(set_to_none=True)
-    return loss
+  def make_step(model, opt):
+    def step():
+      with autocast():
+        loss = model(input_ids=enc, attention_mask=mask, labels=labels).loss
+      loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+      return loss
+    return step
+
+  full_step = make_step(base, ft_opt)
   full_ms = common.median_ms(full_step, **timing) if "full" in args.only else None
   common.log(args, f"full fine-tuning step {full_ms} ms")
   del ft_opt
@@ -77,13 +81,7 @@ def main(argv=None) -> dict:
   opt = Adafactor(trainable, lr=0.3, relative_step=False, scale_parameter=False,
                   warmup_init=False, decay_rate=-0.8, weight_decay=1e-5)
 
-  def prompt_step():
-    with autocast():
-      loss = model(input_ids=enc, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+  prompt_step = make_step(model, opt)
   t0 = time.perf_counter()
   prompt_step()
   first_step_s = time.perf_counter() - t0

@@ -461,7 +461,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
   check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
-                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+                 INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   checkpoints_lib.check_writable(model_dir)
   dataset_lib.import_modules(train_dataset.module)
   setup = build(model_config=model_config, prompt_config=prompt_config,
@@ -668,7 +668,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              output_path: str | None = None) -> dict[str, Any]:
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
-                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+                 INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup, trainable, meta = _load_for_eval(
       eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
@@ -697,7 +697,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           max_examples: int | None = None, random_seed: int = 42) -> list[pathlib.Path]:
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
-                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+                 INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   setup, trainable, meta = _load_for_eval(
       dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
