@@ -207,10 +207,50 @@ def _check_tree(params, boxed) -> None:
 # ------------------------------------------------------------------------------------------------
 # Logging
 
-class MetricWriter:
-  """TensorBoard summaries plus a JSONL file (process 0 only)."""
+def truncate_metrics(path: str | os.PathLike, last_step: int | None) -> int:
+  """Keeps the rows of a metrics JSONL up to `last_step` (None: none) and returns how many went.
 
-  def __init__(self, model_dir: str | os.PathLike, name: str):
+  A restarted run logs again every step after the checkpoint it resumes from, and a kill in the
+  middle of a write leaves a partial last line. Dropping both before the run appends leaves each
+  step once, in order. Lines that do not parse as a row with a step are dropped too. The file is
+  rewritten through a temporary file in the same folder and `os.replace`, so a kill here leaves
+  the old file or the new one, never a mix.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return 0
+  text = path.read_bytes().decode("utf-8", errors="replace")
+  lines = text.splitlines()
+  kept = []
+  for line in lines:
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+      continue  # a partial line from a kill mid-write, or not a row at all
+    if last_step is not None and isinstance(step, int) and step <= last_step:
+      kept.append(line)
+  if len(kept) == len(lines) and text.endswith("\n") == bool(lines):
+    return 0
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w") as f:
+    f.writelines(line + "\n" for line in kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+class MetricWriter:
+  """TensorBoard summaries plus a JSONL file (process 0 only).
+
+  `resume_step` is the step the run restarts from (None for a fresh run): rows the run will log
+  again are dropped from the JSONL first (`truncate_metrics`). TensorBoard event files are left
+  alone and keep the earlier copies of those steps: the replayed ones go to a newer file, and
+  TensorBoard (by default, `purge_orphaned_data`) drops the older copies when it sees the step go
+  back, so its curves show the resumed run.
+  """
+
+  def __init__(self, model_dir: str | os.PathLike, name: str, *, resume_step: int | None):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
@@ -219,6 +259,10 @@ class MetricWriter:
     self.dir = pathlib.Path(model_dir) / name
     self._writer = tf.summary.create_file_writer(str(self.dir))
     self._jsonl = pathlib.Path(model_dir) / f"metrics_{name.replace('/', '_')}.jsonl"
+    dropped = truncate_metrics(self._jsonl, resume_step)
+    if dropped:
+      log.info("Dropped %d lines of %s logged after step %d or left partial by a kill (this "
+               "run logs those steps again)", dropped, self._jsonl.name, resume_step or 0)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -524,8 +568,10 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                                      learning_rate_fn=learning_rate_fn)
   tokens_per_step = train_dataset.batch_size * sum(train_dataset.task_feature_lengths.values())
   rng = jax.random.PRNGKey(random_seed)
-  writer = MetricWriter(model_dir, "train")
-  eval_writer = MetricWriter(model_dir, "eval")
+  # Only the steps up to the restored checkpoint stay logged: the rest are replayed.
+  resume_step = int(state.step) if latest is not None else None
+  writer = MetricWriter(model_dir, "train", resume_step=resume_step)
+  eval_writer = MetricWriter(model_dir, "eval", resume_step=resume_step)
   n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.frozen))
   log.info("Trainable parameters: %d; frozen: %d", n_trainable, n_frozen)

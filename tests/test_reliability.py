@@ -31,6 +31,7 @@ from prompt_tuning import dataset
 from prompt_tuning import gin_utils
 from prompt_tuning import pretrained
 from prompt_tuning import train as train_main
+from prompt_tuning import trainer
 from tests.conftest import tiny_config
 from tests.test_trainer import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
@@ -105,7 +106,7 @@ def test_sigkill_before_the_first_save_then_restart_matches(tmp_path, frozen_che
   assert _committed(model_dir) == []
 
   _train(model_dir, frozen_checkpoint)
-  assert _steps_logged(model_dir)[-STEPS:] == list(range(1, STEPS + 1))
+  assert _steps_logged(model_dir) == list(range(1, STEPS + 1))  # the killed run's lines dropped
   assert _committed(model_dir) == [3, 6]
   assert _final_prompt(model_dir, STEPS).tobytes() == _final_prompt(reference, STEPS).tobytes()
 
@@ -123,10 +124,13 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, fr
   _kill_when(proc, lambda: bool(partial()), log)
   assert _committed(model_dir) == [3]
   assert not (model_dir / "numpy_checkpoints" / "checkpoint_6").exists()
-  logged_before = len(_steps_logged(model_dir))
+  assert _steps_logged(model_dir)[-1] > 3
+  lines_up_to_3 = (model_dir / "metrics_train.jsonl").read_text().splitlines()[:3]
 
   _train(model_dir, frozen_checkpoint)
-  assert _steps_logged(model_dir)[logged_before:] == [4, 5, 6]  # resumed after step 3
+  lines = (model_dir / "metrics_train.jsonl").read_text().splitlines()
+  assert lines[:3] == lines_up_to_3  # resumed after step 3: each step logged once
+  assert _steps_logged(model_dir) == list(range(1, STEPS + 1))
   assert _committed(model_dir) == [3, 6] and not partial()
   assert _final_prompt(model_dir, STEPS).tobytes() == _final_prompt(reference, STEPS).tobytes()
 
@@ -140,6 +144,51 @@ def test_crash_between_commit_and_numpy_export_is_repaired_on_restart(tmp_path, 
   shutil.rmtree(model_dir / "numpy_checkpoints" / "checkpoint_6")
   assert _train(model_dir, frozen_checkpoint)["step"] == STEPS
   assert _final_prompt(model_dir, STEPS).tobytes() == _final_prompt(reference, STEPS).tobytes()
+
+
+def test_resume_drops_replayed_and_partial_metric_lines(tmp_path, frozen_checkpoint, reference):
+  """A run killed after checkpoint 6 had logged steps up to 10 and half a line of 11 (written
+  here by hand). The restart from 6 keeps lines 1..6 as they were, drops the rest and appends
+  the steps it trains: each step once, in order, in the train and the eval JSONL."""
+  model_dir = tmp_path / "run"
+  shutil.copytree(reference, model_dir)
+  rows = lambda steps: "".join(json.dumps({"step": s, "loss": -s}) + "\n" for s in steps)
+  (model_dir / "metrics_train.jsonl").write_text(rows(range(1, 11)) + '{"step": 11, "lo')
+  (model_dir / "metrics_eval.jsonl").write_text(rows([3, 6, 9]) + '{"st')
+
+  _train(model_dir, frozen_checkpoint, steps=8)
+  lines = (model_dir / "metrics_train.jsonl").read_text().splitlines()
+  assert lines[:6] == rows(range(1, 7)).splitlines()
+  assert _steps_logged(model_dir) == list(range(1, 9))
+  assert all(json.loads(l)["loss"] > 0 for l in lines[6:])  # logged by the resumed run
+  assert (model_dir / "metrics_eval.jsonl").read_text() == rows([3, 6])
+  assert not list(model_dir.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("last_step, text, want", [
+    (6, "".join(f'{{"step": {s}}}\n' for s in range(1, 11)) + '{"step": 11, "lo',
+     "".join(f'{{"step": {s}}}\n' for s in range(1, 7))),
+    (3, '{"step": 1}\n{"step": 2, "a{"step": 2}\n[]\n\n{"step": 3}', '{"step": 1}\n{"step": 3}\n'),
+    (None, '{"step": 0}\n{"step": 1}\n', ""),
+])
+def test_truncate_metrics(tmp_path, last_step, text, want):
+  """Rows after `last_step` go (all of them for a fresh run, None), so do lines that are not
+  whole rows; kept rows stay byte for byte, in order."""
+  path = tmp_path / "metrics_train.jsonl"
+  path.write_text(text)
+  dropped = trainer.truncate_metrics(path, last_step)
+  assert path.read_text() == want
+  assert dropped == len(text.splitlines()) - len(want.splitlines())
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_truncate_metrics_leaves_a_clean_file_untouched(tmp_path):
+  path = tmp_path / "metrics_train.jsonl"
+  assert trainer.truncate_metrics(path, 3) == 0 and not path.exists()
+  path.write_text('{"step": 1}\n{"step": 2}\n')
+  before = path.stat().st_mtime_ns, path.stat().st_ino
+  assert trainer.truncate_metrics(path, 2) == 0
+  assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
 
 
 # --- 2. Non-finite losses -----------------------------------------------------------------------
@@ -369,7 +418,7 @@ def test_moving_a_corrupted_checkpoint_aside_resumes_from_the_previous_one(
   _corrupt(model_dir, "params_data")
   shutil.move(model_dir / "checkpoints" / "6", model_dir / "corrupt_checkpoint_6")
   _train(model_dir, frozen_checkpoint)
-  assert _steps_logged(model_dir)[-3:] == [4, 5, 6]
+  assert _steps_logged(model_dir) == list(range(1, STEPS + 1))
   assert _final_prompt(model_dir, STEPS).tobytes() == _final_prompt(reference, STEPS).tobytes()
 
 
