@@ -56,7 +56,7 @@ class EncoderDecoderModel:
     per_token, z = losses.token_losses(logits, targets, z_loss=self.z_loss,
                                        label_smoothing=self.label_smoothing)
     real = loss_weights(batch)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * real
+    correct = losses.token_correct(logits, targets).astype(jnp.float32) * real
     return {
         "loss": jnp.sum(per_token * token_weights),
         "z_loss": jnp.sum(z * token_weights),
