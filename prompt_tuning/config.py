@@ -12,6 +12,9 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_exact", "silu", "linear")
+# How a model runs, not what it is: a checkpoint's weights fit any value of these, so a run may
+# choose them for a checkpoint that carries its own architecture (see `with_runtime`).
+RUNTIME_FIELDS = ("dtype", "dropout_rate", "remat_policy", "matmul_dtype", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +160,30 @@ class T5Config:
         "eos_token_id": 1,
         "decoder_start_token_id": 0,
     }
+
+
+def check_runtime(overrides: Mapping[str, Any] | None) -> None:
+  """Refuses runtime overrides (gin's MODEL_RUNTIME) that are not `RUNTIME_FIELDS` or not valid.
+
+  Anything else would change the architecture under a checkpoint's weights.
+  """
+  if not overrides:
+    return
+  bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
+  if bad:
+    fields = {f.name for f in dataclasses.fields(T5Config)}
+    arch = [k for k in bad if k in fields]
+    raise ValueError(
+        f"MODEL_RUNTIME may set only the runtime fields {list(RUNTIME_FIELDS)}; got {bad}"
+        + (f" ({arch} describe the architecture, which comes from the checkpoint or "
+           "MODEL_CONFIG)" if arch else ""))
+  T5Config().replace(**overrides)  # a bad value (e.g. remat_policy) raises naming the field
+
+
+def with_runtime(config: T5Config, overrides: Mapping[str, Any] | None) -> T5Config:
+  """`config` with the runtime-only fields in `overrides` replaced (see `check_runtime`)."""
+  check_runtime(overrides)
+  return config.replace(**overrides) if overrides else config
 
 
 def _t5_1_1(d_model, num_heads, d_ff, num_layers, vocab_size=32128, **kw) -> T5Config:

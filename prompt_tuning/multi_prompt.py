@@ -277,7 +277,8 @@ def load_bank_setup(*, prompt_files: Sequence[str], initial_checkpoint_path: str
                     model_config: T5Config | None, combine: str,
                     partition: trainer.PartitionConfig,
                     task_feature_lengths: Mapping[str, int],
-                    random_seed: int = 42) -> tuple[trainer.Setup, Params]:
+                    random_seed: int = 42, model_runtime: Mapping[str, Any] | None = None
+                    ) -> tuple[trainer.Setup, Params]:
   """Loads the frozen checkpoint (placed on the mesh by `trainer.build`) with the bank in it."""
   bank = build_bank(prompt_files)
   num, length, _ = bank.shape
@@ -286,7 +287,7 @@ def load_bank_setup(*, prompt_files: Sequence[str], initial_checkpoint_path: str
                                                             bank_size=num),
       initial_checkpoint_path=initial_checkpoint_path, partition=partition,
       trainable_patterns=optimizers.PROMPT_PATTERNS, task_feature_lengths=task_feature_lengths,
-      prompt_init=trainer.PromptInit(), random_seed=random_seed)
+      prompt_init=trainer.PromptInit(), random_seed=random_seed, model_runtime=model_runtime)
   d_model = setup.module.config.d_model
   for path, prompt in zip(prompt_files, bank):
     prompt_io.check_shape(prompt, (length, d_model), source=path)
@@ -323,7 +324,8 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
                       partition: trainer.PartitionConfig = trainer.PartitionConfig(),
                       decoding_config: decoding.DecodingConfig | None = None,
                       max_examples: int | None = None, output_dir: str | None = None,
-                      random_seed: int = 42) -> dict[str, Any]:
+                      random_seed: int = 42,
+                      model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Evaluates N prompts of one task and their majority-vote ensemble (paper Table 3).
 
   For every task of `dataset` (a task or a mixture): each prompt's metrics alone, their mean
@@ -337,7 +339,8 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
   setup, params = load_bank_setup(
       prompt_files=prompt_files, initial_checkpoint_path=initial_checkpoint_path,
       model_config=model_config, combine=combine, partition=partition,
-      task_feature_lengths=dataset.task_feature_lengths, random_seed=random_seed)
+      task_feature_lengths=dataset.task_feature_lengths, random_seed=random_seed,
+      model_runtime=model_runtime)
   num = len(prompt_files)
   results: dict[str, Any] = {}
   for task_name in dataset_lib.task_names_for_eval(dataset.mixture_or_task_name, dataset.module):
@@ -389,7 +392,8 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
                 combine: str = "prefix",
                 partition: trainer.PartitionConfig = trainer.PartitionConfig(),
                 decoding_config: decoding.DecodingConfig | None = None,
-                max_examples: int | None = None, random_seed: int = 42) -> dict[str, Any]:
+                max_examples: int | None = None, random_seed: int = 42,
+                model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Serves several tasks from one frozen model: task k's examples use `prompt_files[k]`.
 
   `tasks` (default: the tasks of `dataset.mixture_or_task_name`, in order) pairs with
@@ -413,7 +417,8 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
   setup, params = load_bank_setup(
       prompt_files=prompt_files, initial_checkpoint_path=initial_checkpoint_path,
       model_config=model_config, combine=combine, partition=partition,
-      task_feature_lengths=dataset.task_feature_lengths, random_seed=random_seed)
+      task_feature_lengths=dataset.task_feature_lengths, random_seed=random_seed,
+      model_runtime=model_runtime)
   evs = [dataset_lib.load_eval_examples(t, dataset, max_examples=max_examples) for t in tasks]
   vocabs = [ev.task.output_features["targets"].vocabulary for ev in evs]
   cfgs = [_task_decoding_config(decoding_config, t, v, dataset)

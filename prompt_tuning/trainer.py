@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from prompt_tuning import checkpoints as checkpoints_lib
+from prompt_tuning import config as config_lib
 from prompt_tuning import dataset as dataset_lib
 from prompt_tuning import decoding as decoding_lib
 from prompt_tuning import initializers
@@ -121,9 +122,17 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
           trainable_patterns: Sequence[str], task_feature_lengths: Mapping[str, int],
           prompt_init: PromptInit, random_seed: int, frozen_param_dtype: str = "float32",
           task_name: str | None = None, task_module=None, allow_random_init: bool = False,
-          model_kwargs: Mapping[str, Any] | None = None) -> Setup:
-  """Loads the frozen model, adds and initialises the prompt, splits and places the parameters."""
+          model_kwargs: Mapping[str, Any] | None = None,
+          model_runtime: Mapping[str, Any] | None = None) -> Setup:
+  """Loads the frozen model, adds and initialises the prompt, splits and places the parameters.
+
+  The architecture comes from the checkpoint when it carries one, else from `model_config`. The
+  runtime fields (`config.RUNTIME_FIELDS`: dtype, dropout, remat, matmul dtype, scanned layers)
+  come from `model_runtime` (gin's MODEL_RUNTIME) where it names them, else from
+  `model_config`, else from the checkpoint.
+  """
   from prompt_tuning import pretrained
+  config_lib.check_runtime(model_runtime)  # before loading what may be a large checkpoint
   if initial_checkpoint_path:
     # Checkpoints hold per-layer weights whatever the runtime layout; stack them below.
     load_config = None if model_config is None else model_config.replace(scan_layers=False)
@@ -131,16 +140,15 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
     config = loaded.config
     if model_config is not None:
       # Keep the user's runtime choices on the checkpoint's architecture.
-      config = config.replace(dtype=model_config.dtype, dropout_rate=model_config.dropout_rate,
-                              remat_policy=model_config.remat_policy,
-                              matmul_dtype=model_config.matmul_dtype,
-                              scan_layers=model_config.scan_layers)
+      config = config.replace(**{f: getattr(model_config, f)
+                                 for f in config_lib.RUNTIME_FIELDS})
+    config = config_lib.with_runtime(config, model_runtime)
     # Checkpoints are per-layer (T5X layout); scanned models stack the layers after loading.
     params = scan_conversion.for_config(params, config)
   elif allow_random_init:
     if model_config is None:
       raise ValueError("Random initialisation needs MODEL_CONFIG (include a gin/models/ file)")
-    config, params = model_config, None
+    config, params = config_lib.with_runtime(model_config, model_runtime), None
   else:
     raise ValueError("No INITIAL_CHECKPOINT_PATH: set it to the frozen model to prompt-tune, e.g. "
                      "--gin.INITIAL_CHECKPOINT_PATH=\"'gs://t5-data/pretrained_models/t5x/"
@@ -502,7 +510,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           skip_nonfinite: bool = False, allow_random_init: bool = False,
           eval_at_start: bool = False, best_metric: str | None = None,
           best_mode: str = "max",
-          model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          model_kwargs: Mapping[str, Any] | None = None,
+          model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
   check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
@@ -515,7 +524,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                 prompt_init=prompt_init, random_seed=random_seed,
                 frozen_param_dtype=frozen_param_dtype,
                 task_name=train_dataset.mixture_or_task_name, task_module=train_dataset.module,
-                allow_random_init=allow_random_init, model_kwargs=model_kwargs)
+                allow_random_init=allow_random_init, model_kwargs=model_kwargs,
+                model_runtime=model_runtime)
   task = dataset_lib.get_mixture_or_task(train_dataset.mixture_or_task_name, train_dataset.module)
   for t in getattr(task, "tasks", [task]):
     dataset_lib.check_vocabulary(t, setup.module.config.vocab_size)
@@ -691,14 +701,14 @@ def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int
 
 def _load_for_eval(dataset: dataset_lib.DatasetConfig, *, model_dir, model_config, prompt_config,
                    initial_checkpoint_path, prompt_init, trainable_patterns, partition,
-                   checkpoint_step, random_seed):
+                   checkpoint_step, random_seed, model_runtime=None):
   """The frozen model plus the prompt to evaluate: MODEL_DIR's checkpoint, else the initialiser."""
   setup = build(model_config=model_config, prompt_config=prompt_config,
                 initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                 trainable_patterns=trainable_patterns,
                 task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
                 random_seed=random_seed, task_name=dataset.mixture_or_task_name,
-                task_module=dataset.module)
+                task_module=dataset.module, model_runtime=model_runtime)
   trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
   return setup, trainable, meta
 
@@ -711,7 +721,8 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
              decoding_config: decoding_lib.DecodingConfig | None = None,
              max_examples: int | None = None, random_seed: int = 42,
-             output_path: str | None = None) -> dict[str, Any]:
+             output_path: str | None = None,
+             model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
@@ -719,7 +730,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
       eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
       trainable_patterns=trainable_patterns, partition=partition,
-      checkpoint_step=checkpoint_step, random_seed=random_seed)
+      checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
   if meta is None and prompt_config is not None and prompt_init.kind != "from_file":
     log.warning("Evaluating a freshly initialised prompt (%s): no checkpoint in MODEL_DIR and "
                 "no PROMPT_FILE", prompt_init.kind)
@@ -740,7 +751,8 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           trainable_patterns: Sequence[str] = optimizers.PROMPT_PATTERNS,
           partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
           decoding_config: decoding_lib.DecodingConfig | None = None,
-          max_examples: int | None = None, random_seed: int = 42) -> list[pathlib.Path]:
+          max_examples: int | None = None, random_seed: int = 42,
+          model_runtime: Mapping[str, Any] | None = None) -> list[pathlib.Path]:
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
@@ -748,7 +760,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
       dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
       trainable_patterns=trainable_patterns, partition=partition,
-      checkpoint_step=checkpoint_step, random_seed=random_seed)
+      checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
   results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
                            max_examples=max_examples, return_predictions=True)
   out_dir = pathlib.Path(output_dir)

@@ -20,7 +20,7 @@ from prompt_tuning import eval as eval_main
 from prompt_tuning import infer as infer_main
 from prompt_tuning import pretrained
 from prompt_tuning import train as train_main
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_hf_t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPT_LENGTH = 4
@@ -237,6 +237,67 @@ def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
                   initial_checkpoint_path=frozen_checkpoint, checkpoint_period=2)
     prompts[scan] = _final_prompt(tmp_path / f"scan_{scan}", 2)
   np.testing.assert_allclose(prompts[True], prompts[False], atol=1e-5)
+
+
+# --- MODEL_RUNTIME: how a checkpoint that carries its own architecture runs ---------------------
+
+def _build(checkpoint, model_config=None, model_runtime=None):
+  from prompt_tuning import optimizers, trainer
+  return trainer.build(
+      model_config=model_config, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
+      initial_checkpoint_path=str(checkpoint), partition=trainer.PartitionConfig(num_devices=1),
+      trainable_patterns=optimizers.PROMPT_PATTERNS,
+      task_feature_lengths={"inputs": 8, "targets": 4}, prompt_init=trainer.PromptInit(),
+      random_seed=0, model_runtime=model_runtime)
+
+
+@pytest.mark.parametrize("kind", ["ours", "hf"])
+def test_model_runtime_sets_runtime_fields_of_a_checkpoints_own_config(tmp_path,
+                                                                       frozen_checkpoint, kind):
+  """With no MODEL_CONFIG (models/from_checkpoint.gin) the checkpoint gives the architecture and
+  MODEL_RUNTIME the runtime fields it names; the others keep the checkpoint's values."""
+  checkpoint = frozen_checkpoint
+  if kind == "hf":
+    checkpoint = tmp_path / "hf"
+    tiny_hf_t5().save_pretrained(checkpoint)
+  own = _build(checkpoint).module.config
+  config = _build(checkpoint, model_runtime={"matmul_dtype": "bfloat16",
+                                             "remat_policy": "full"}).module.config
+  assert (config.matmul_dtype, config.remat_policy) == ("bfloat16", "full")
+  assert config == own.replace(matmul_dtype="bfloat16", remat_policy="full")
+
+
+def test_model_runtime_wins_over_model_config(frozen_checkpoint):
+  config = _build(frozen_checkpoint,
+                  model_config=tiny_config(vocab_size=384, remat_policy="dots",
+                                           matmul_dtype="bfloat16"),
+                  model_runtime={"remat_policy": "full"}).module.config
+  assert (config.remat_policy, config.matmul_dtype) == ("full", "bfloat16")
+
+
+def test_model_runtime_through_gin_reaches_the_trained_model(tmp_path, frozen_checkpoint):
+  model_dir = tmp_path / "run"
+  runtime = "{'matmul_dtype': 'bfloat16', 'remat_policy': 'full', 'scan_layers': True}"
+  train_main.main(_flags(model_dir, frozen_checkpoint, NO_EVAL, f"--gin.MODEL_RUNTIME={runtime}",
+                         steps=1))
+  meta = json.loads((model_dir / "checkpoints" / "1" / "metadata" / "metadata").read_text())
+  assert {k: meta["model_config"][k] for k in ("matmul_dtype", "remat_policy", "scan_layers")} == {
+      "matmul_dtype": "bfloat16", "remat_policy": "full", "scan_layers": True}
+
+
+@pytest.mark.parametrize("runtime, match", [
+    ({"d_model": 32}, r"only the runtime fields \['dtype', 'dropout_rate', 'remat_policy', "
+                      r"'matmul_dtype', 'scan_layers'\]; got \['d_model'\] \(\['d_model'\] "
+                      r"describe the architecture"),
+    ({"no_such_field": 1}, r"runtime fields .*got \['no_such_field'\]"),
+    ({"remat_policy": "sometimes"}, "remat_policy must be"),
+])
+def test_model_runtime_refuses_architecture_and_unknown_keys(tmp_path, frozen_checkpoint, runtime,
+                                                             match):
+  """Through the eval command line, before any checkpoint is read."""
+  with pytest.raises(ValueError, match=match):
+    eval_main.main(_eval_flags(tmp_path / "run", frozen_checkpoint)
+                   + [f"--gin.MODEL_RUNTIME={runtime!r}"])
 
 
 # --- Errors users hit ---------------------------------------------------------------------------
