@@ -350,3 +350,12 @@ def test_greedy_matches_hf_generate(tmp_path):
   assert (lengths < MAX_LEN).any()  # some rows stop early, so padding after EOS is compared too
   np.testing.assert_array_equal(tokens[:, :hf_out.shape[1]], hf_out)
   assert np.all(tokens[:, hf_out.shape[1]:] == 0)
+
+
+def test_argmax_last_axis_equals_jnp_argmax_with_ties():
+  x = jax.random.normal(jax.random.PRNGKey(3), (5, 300))
+  x = x.at[1, 7].set(9.0).at[1, 200].set(9.0)  # a tie: the first index wins
+  x = x.at[2].set(-jnp.inf).at[2, 299].set(0.0)
+  got = decoding.argmax_last_axis(x)
+  np.testing.assert_array_equal(got, jnp.argmax(x, -1))
+  assert int(got[1]) == 7 and got.dtype == jnp.int32
