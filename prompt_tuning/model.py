@@ -502,12 +502,14 @@ class T5(nn.Module):
     They depend on the encoder output only, so cached decoding computes them once per sequence
     and passes them to every step (`decode(..., cross_kv=...)`) instead of projecting the whole
     encoder output again for each generated token. Keyed like the decoder's layers
-    (`layers_{i}`, or `layers` with a leading layer axis when scanned). Stored in
-    `matmul_dtype` when set: the attention would round them to it at every step anyway.
+    (`layers_{i}`, or `layers` with a leading layer axis when scanned). Held in the activation
+    dtype, like the keys and values of the teacher-forced pass (attention runs in that dtype even
+    when `matmul_dtype` is set), so decoding sees exactly what the forward pass sees and no step
+    converts them again.
     """
     cfg = self.config
     layers = nn.meta.unbox(self.variables["params"]["decoder"])
-    dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
+    dtype = jnp.dtype(cfg.activation_dtype)
 
     def project(attention):
       return tuple(_split_heads(matmul(encoded_BxSxD, attention[name]["kernel"], cfg),

@@ -84,9 +84,13 @@ def _teacher_forced(model, params, enc, tokens_BxT, prompt_index=None):
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def test_greedy_is_argmax_of_teacher_forcing():
-  """Every greedy token is the argmax of the full forward pass on the greedy prefix."""
-  model = T5(_config())
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_greedy_is_argmax_of_teacher_forcing(matmul_dtype):
+  """Every greedy token is the argmax of the full forward pass on the greedy prefix.
+
+  Also with bfloat16 matmuls: the cached cross-attention keys and values are the forward pass's.
+  """
+  model = T5(_config().replace(matmul_dtype=matmul_dtype))
   params = _params(model)
   tokens, scores = decoding.greedy(model, params, ENC, max_decode_length=MAX_LEN)
   tokens = np.asarray(tokens)
