@@ -69,6 +69,8 @@ class T5Config:
     if self.remat_policy not in ("none", "full", "dots"):
       raise ValueError(f"T5Config.remat_policy must be 'none', 'full' or 'dots', "
                        f"got {self.remat_policy!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raise early on a bad dtype name
     if self.matmul_dtype is not None and not jnp.issubdtype(jnp.dtype(self.matmul_dtype),
                                                             jnp.floating):

@@ -265,7 +265,7 @@ class MetricWriter:
     import tensorflow as tf
     self._tf = tf
     self.dir = pathlib.Path(model_dir) / name
-    self._writer = tf.summary.create_file_writer(str(self.dir))
+    self._writer = None  # created at the first write: no empty eval/ folder for runs without eval
     self._jsonl = pathlib.Path(model_dir) / f"metrics_{name.replace('/', '_')}.jsonl"
     dropped = truncate_metrics(self._jsonl, resume_step)
     if dropped:
@@ -275,6 +275,8 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    if self._writer is None:
+      self._writer = self._tf.summary.create_file_writer(str(self.dir))
     with self._writer.as_default():
       for k, v in scalars.items():
         self._tf.summary.scalar(k, float(v), step=int(step))

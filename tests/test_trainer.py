@@ -139,6 +139,8 @@ def test_sharded_run_matches_single_device(tmp_path, frozen_checkpoint):
                          "--gin.trainer.PartitionConfig.parameter_partitioning_dims=2", steps=3))
   np.testing.assert_allclose(_final_prompt(tmp_path / "eight", 3),
                              _final_prompt(tmp_path / "one", 3), atol=1e-5)
+  # Without an eval dataset there are train summaries and no (empty) eval summary folder.
+  assert (tmp_path / "one" / "train").is_dir() and not (tmp_path / "one" / "eval").exists()
 
 
 def _subprocess_env(devices=1):
@@ -291,6 +293,7 @@ def test_model_runtime_through_gin_reaches_the_trained_model(tmp_path, frozen_ch
                       r"describe the architecture"),
     ({"no_such_field": 1}, r"runtime fields .*got \['no_such_field'\]"),
     ({"remat_policy": "sometimes"}, "remat_policy must be"),
+    ({"scan_layers": "True"}, "scan_layers must be True or False"),
 ])
 def test_model_runtime_refuses_architecture_and_unknown_keys(tmp_path, frozen_checkpoint, runtime,
                                                              match):
