@@ -307,17 +307,34 @@ def as_text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def task_metrics(task, examples: Sequence[Mapping[str, Any]],
-                 predictions: Sequence[str]) -> dict[str, float]:
-  """The task's metric functions on postprocessed predictions and targets."""
+def task_metrics(task, examples: Sequence[Mapping[str, Any]], predictions: Sequence[str],
+                 scores: Sequence[float] | None = None,
+                 target_scores: Sequence[float] | None = None) -> dict[str, float]:
+  """The task's seqio metric functions, as `seqio.Evaluator` calls them.
+
+  `predict_metric_fns(targets, predictions)` on postprocessed targets and predictions;
+  `predict_with_aux_metric_fns(targets, predictions, aux_values)` with `aux_values={"scores":
+  scores}` (each prediction's log-likelihood under the model) when `scores` is given;
+  `score_metric_fns(targets, scores)` with `target_scores`, each target's log-likelihood (summed
+  over its tokens), when given.
+  """
   targets = [task.postprocess_fn(as_text(ex.get("targets_pretokenized", b"")), example=ex,
                                  is_target=True) for ex in examples]
   preds = [task.postprocess_fn(p, example=ex, is_target=False)
            for p, ex in zip(predictions, examples)]
   metrics = {}
-  for metric_fn in getattr(task, "predict_metric_fns", None) or []:
-    for k, v in metric_fn(targets, preds).items():
+
+  def add(values):
+    for k, v in values.items():
       metrics[k] = float(getattr(v, "value", v))
+  for metric_fn in getattr(task, "predict_metric_fns", None) or []:
+    add(metric_fn(targets, preds))
+  if scores is not None:
+    for metric_fn in getattr(task, "predict_with_aux_metric_fns", None) or []:
+      add(metric_fn(targets, preds, {"scores": np.asarray(scores, np.float32)}))
+  if target_scores is not None:
+    for metric_fn in getattr(task, "score_metric_fns", None) or []:
+      add(metric_fn(targets, np.asarray(target_scores, np.float32)))
   return metrics
 
 
@@ -356,9 +373,14 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
           tuple(vocab.encode(l)) + (1,) for l in labels))
     predict_fn = jax.jit(lambda t, f, b: decoding_lib.decode(
         module, optimizers.merge_params(t, f), b, cfg))
+    # Tasks with score metrics get each target's log-likelihood too (one more forward pass).
+    score_fn = None
+    if getattr(task, "score_metric_fns", None):
+      score_fn = jax.jit(lambda t, f, b: model.score_batch(optimizers.merge_params(t, f), b))
     sums = {"loss": 0.0, "correct_tokens": 0.0, "target_tokens": 0.0}
     predictions: list[str] = []
     scores: list[float] = []
+    target_scores: list[float] = []
     with part.activate():
       for batch, rows in dataset_lib.batches_of(ev.features, batch_size):
         # Padded rows have no targets, so they add nothing to the sums.
@@ -371,11 +393,15 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
         batch_scores = partitioning.to_host(batch_scores)
         predictions += [decode_tokens(vocab, tokens[i]) for i in range(rows)]
         scores += [float(batch_scores[i]) for i in range(rows)]
+        if score_fn is not None:
+          batch_target = partitioning.to_host(score_fn(trainable, setup.frozen, sharded))
+          target_scores += [float(batch_target[i]) for i in range(rows)]
     metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
                "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
                "examples": float(len(ev.examples)),
                "truncated_examples": float(ev.truncated_examples)}
-    metrics.update(task_metrics(task, ev.examples, predictions))
+    metrics.update(task_metrics(task, ev.examples, predictions, scores=scores,
+                                target_scores=target_scores if score_fn is not None else None))
     if return_predictions:
       metrics["_predictions"] = [
           {"inputs": as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,

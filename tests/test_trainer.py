@@ -334,3 +334,55 @@ def test_unwritable_model_dir(tmp_path, frozen_checkpoint):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
     train_main.main(_flags(tmp_path / "x", str(tmp_path / "nowhere")))
+
+
+# --- seqio metric functions of every kind ---------------------------------------------------------
+
+def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
+  """`score_metric_fns(targets, scores)` get each target's log-likelihood, and
+  `predict_with_aux_metric_fns(targets, predictions, aux_values)` each prediction's score."""
+  import seqio
+  from prompt_tuning import dataset, decoding, optimizers, trainer
+  import tasks.demo  # noqa: F401  (registers demo_taskless_last)
+  base = seqio.get_mixture_or_task("demo_taskless_last")
+  seen = {}
+
+  def target_ll(targets, scores):
+    seen["targets"], seen["target_scores"] = list(targets), np.asarray(scores)
+    return {"mean_target_ll": float(np.mean(scores))}
+
+  def prediction_ll(targets, predictions, aux_values):
+    seen["predictions"], seen["scores"] = list(predictions), np.asarray(aux_values["scores"])
+    return {"mean_prediction_ll": float(np.mean(aux_values["scores"]))}
+
+  name = "test_demo_last_score_metrics"
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=base.source, preprocessors=base.preprocessors,
+                         output_features=base.output_features,
+                         metric_fns=list(base.predict_metric_fns) + [target_ll, prediction_ll])
+  lengths = {"inputs": 32, "targets": 8}
+  setup = trainer.build(
+      model_config=None, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
+      initial_checkpoint_path=frozen_checkpoint, partition=trainer.PartitionConfig(num_devices=1),
+      trainable_patterns=optimizers.PROMPT_PATTERNS, task_feature_lengths=lengths,
+      prompt_init=trainer.PromptInit(), random_seed=0)
+  cfg = dataset.DatasetConfig(name, lengths, batch_size=4)
+  results = trainer.evaluate_tasks(setup, setup.trainable, cfg, max_examples=6,
+                                   return_predictions=True)[name]
+  rows = results["_predictions"]
+  assert len(seen["target_scores"]) == len(seen["scores"]) == len(rows) == 6
+  # Prediction scores are the decoder's, in example order.
+  np.testing.assert_allclose(seen["scores"], [r["score"] for r in rows], rtol=1e-6)
+  assert seen["predictions"] == [r["prediction"] for r in rows]
+  assert seen["targets"] == [r["target"] for r in rows]
+  # Target scores equal an independent teacher-forced scoring of the same examples.
+  ev = dataset.load_eval_examples(name, cfg, max_examples=6)
+  params = optimizers.merge_params(setup.trainable, setup.frozen)
+  expected = decoding.score_targets(
+      setup.module, params, ev.features["encoder_input_tokens"],
+      ev.features["decoder_input_tokens"], ev.features["decoder_target_tokens"])
+  np.testing.assert_allclose(seen["target_scores"], expected, rtol=1e-5, atol=1e-5)
+  assert np.all(seen["target_scores"] < 0)
+  assert results["mean_target_ll"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+  assert "exact_match" in results and "mean_prediction_ll" in results
