@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
 import logging
+import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -118,36 +120,113 @@ class TrainBatches:
   """
 
   def __init__(self, cfg: DatasetConfig, *, start_position: int = 0,
-               shard_info: seqio.ShardInfo | None = None):
+               shard_info: seqio.ShardInfo | None = None, state_dir: str | None = None):
     self.cfg = cfg
     self.position = int(start_position)
     self.truncated_examples = 0
     self.examples = 0
     shard_info = shard_info or host_shard()
+    self._shard = (int(shard_info.index), int(shard_info.num_shards))
     if cfg.batch_size % shard_info.num_shards:
       raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by the number of hosts "
                        f"{shard_info.num_shards}")
     self.host_batch_size = cfg.batch_size // shard_info.num_shards
     task = get_mixture_or_task(cfg.mixture_or_task_name, cfg.module)
     lengths = dict(cfg.task_feature_lengths)
-    ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached,
-                          shuffle=cfg.shuffle, seed=cfg.seed, shard_info=shard_info,
-                          num_epochs=None, trim_output_features=False)
-    ds = ds.map(_mark_truncation(lengths), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _feature_converter()(ds, {**lengths, _TRUNCATED: 1})
-    ds = ds.batch(self.host_batch_size, drop_remainder=True)
-    if self.position:
-      logging.info("Resuming the data stream at batch %d", self.position)
-      ds = ds.skip(self.position)
-    self._it = iter(ds.prefetch(2).as_numpy_iterator())
+
+    def build():
+      # A fresh pipeline each time: iterators of one dataset object share its shuffle seed
+      # generator, so a second iterator of the same object would see another order.
+      ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached,
+                            shuffle=cfg.shuffle, seed=cfg.seed, shard_info=shard_info,
+                            num_epochs=None, trim_output_features=False)
+      ds = ds.map(_mark_truncation(lengths), num_parallel_calls=tf.data.AUTOTUNE)
+      ds = _feature_converter()(ds, {**lengths, _TRUNCATED: 1})
+      return ds.batch(self.host_batch_size, drop_remainder=True)
+
+    self._checkpointable = True
+    self._it = None
+    if self.position and state_dir is not None:
+      self._it = self._restore(build().prefetch(2), state_dir)
+    if self._it is None:
+      ds = build()
+      if self.position:
+        logging.info("Resuming the data stream at batch %d by replaying it", self.position)
+        ds = ds.skip(self.position)
+      self._it = iter(ds.prefetch(2))
     self.task = task
+
+  # The input pipeline's state (tf.data iterator checkpoint: shuffle buffers, file positions,
+  # prefetched batches) lets a resumed run continue without replaying `position` batches through
+  # preprocessing. It is an optimisation only: whenever it is missing, stale or unreadable the
+  # stream is replayed with `skip`, which gives the same batches.
+
+  def _state_marker(self) -> dict[str, Any]:
+    c = self.cfg
+    return {"position": self.position, "mixture_or_task_name": c.mixture_or_task_name,
+            "task_feature_lengths": {k: int(v) for k, v in sorted(c.task_feature_lengths.items())},
+            "split": c.split, "batch_size": c.batch_size, "shuffle": c.shuffle, "seed": c.seed,
+            "use_cached": c.use_cached, "shard": list(self._shard)}
+
+  def save_state(self, state_dir: str) -> bool:
+    """Writes the pipeline's state at `position` to `state_dir` (this host's own folder).
+
+    `state.json` is written last, so a kill mid-write leaves a folder `_restore` ignores.
+    Returns False (and stops trying, with one warning) for pipelines tf.data cannot checkpoint,
+    e.g. Python-generator sources.
+    """
+    if not self._checkpointable:
+      return False
+    marker = os.path.join(state_dir, "state.json")
+    try:
+      tf.io.gfile.makedirs(state_dir)
+      if tf.io.gfile.exists(marker):
+        tf.io.gfile.remove(marker)
+      tf.train.Checkpoint(iterator=self._it).write(os.path.join(state_dir, "iterator"))
+      with tf.io.gfile.GFile(marker + ".tmp", "w") as f:
+        f.write(json.dumps(self._state_marker()))
+      tf.io.gfile.rename(marker + ".tmp", marker, overwrite=True)
+      return True
+    except (tf.errors.OpError, ValueError, TypeError) as e:
+      self._checkpointable = False
+      logging.warning("Cannot save the input pipeline's state (%s: %s); a resumed run will "
+                      "replay the data stream instead (same batches, slower to start).",
+                      type(e).__name__, str(e).splitlines()[0][:200])
+      return False
+
+  def _restore(self, ds: tf.data.Dataset, state_dir: str):
+    """An iterator of `ds` restored from `state_dir`, or None (then the caller replays)."""
+    marker = os.path.join(state_dir, "state.json")
+    if not tf.io.gfile.exists(marker):
+      logging.info("No saved input pipeline state in %s", state_dir)
+      return None
+    try:
+      with tf.io.gfile.GFile(marker) as f:
+        saved = json.load(f)
+    except (tf.errors.OpError, ValueError) as e:
+      logging.warning("Unreadable %s (%s)", marker, e)
+      return None
+    if saved != self._state_marker():
+      logging.warning("The input pipeline state in %s is for another data configuration or "
+                      "position (%s); replaying the data stream instead", state_dir, saved)
+      return None
+    it = iter(ds)
+    try:
+      tf.train.Checkpoint(iterator=it).read(os.path.join(state_dir, "iterator")).assert_consumed()
+    except Exception as e:  # pylint: disable=broad-except  (any damage: replay is exact)
+      logging.warning("Could not restore the input pipeline from %s (%s: %s); replaying the "
+                      "data stream instead", state_dir, type(e).__name__,
+                      str(e).splitlines()[0][:200])
+      return None
+    logging.info("Restored the input pipeline at batch %d from %s", self.position, state_dir)
+    return it
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
-      batch = next(self._it)
+      batch = {k: v.numpy() for k, v in next(self._it).items()}
     except StopIteration:
       raise ValueError(
           f"Split {self.cfg.split!r} of {self.cfg.mixture_or_task_name!r} yielded no examples "

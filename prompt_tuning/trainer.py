@@ -416,6 +416,30 @@ def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConf
 # ------------------------------------------------------------------------------------------------
 # Training
 
+class _DataStates:
+  """`MODEL_DIR/data_state/host_<i>/<step>`: this host's input pipeline state at each checkpoint.
+
+  Pruned to the steps orbax keeps. Lets a resumed run restore its tf.data iterator instead of
+  replaying every batch before the checkpoint (`dataset.TrainBatches.save_state`).
+  """
+
+  def __init__(self, model_dir: str):
+    self.root = os.path.join(str(model_dir), "data_state", f"host_{jax.process_index()}")
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.root, str(int(step)))
+
+  def keep_only(self, steps: Sequence[int]) -> None:
+    import tensorflow as tf
+    if not tf.io.gfile.isdir(self.root):
+      return
+    keep = {str(int(s)) for s in steps}
+    for name in tf.io.gfile.listdir(self.root):
+      name = name.rstrip("/")
+      if name not in keep:
+        tf.io.gfile.rmtree(os.path.join(self.root, name))
+
+
 def _shapes(tree) -> dict[str, list[int]]:
   import flax
   return {k: list(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
@@ -599,8 +623,11 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
     log.info("No checkpoint in %s: starting from %s with a fresh prompt (%s)", model_dir,
              initial_checkpoint_path or "random weights", prompt_init.kind)
 
-  batches = dataset_lib.TrainBatches(train_dataset, start_position=start_position,
-                                     shard_info=dataset_lib.host_shard())
+  # Each host's input pipeline state, saved beside each checkpoint (see `_DataStates`).
+  data_states = _DataStates(model_dir)
+  batches = dataset_lib.TrainBatches(
+      train_dataset, start_position=start_position, shard_info=dataset_lib.host_shard(),
+      state_dir=data_states.path(latest) if latest is not None else None)
   step_fn = train_lib.jit_train_step(setup.model, tx, num_microbatches=num_microbatches,
                                      skip_nonfinite=skip_nonfinite,
                                      learning_rate_fn=learning_rate_fn)
@@ -623,7 +650,11 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples}
 
   def save(step):
+    # The data state first: a committed checkpoint then has one unless writing it failed, and
+    # a missing one only costs a replay of the data stream on resume.
+    batches.save_state(data_states.path(step))
     ckpt.save(step, state, metadata(), frozen=setup.frozen if save_frozen else None)
+    data_states.keep_only(ckpt.all_steps())
     log.info("Saved checkpoint %d to %s", step, ckpt.directory)
 
   step = int(state.step)

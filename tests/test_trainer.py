@@ -3,6 +3,7 @@ exactness after SIGKILL, SIGTERM, sharded and multi-process runs, and the errors
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -84,8 +85,9 @@ def _final_prompt(model_dir, step):
                  "encoder.prompt.prompt.npy")
 
 
-def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
+def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint, capsys):
   model_dir = tmp_path / "run"
+  data_states = lambda: sorted(int(p.name) for p in (model_dir / "data_state" / "host_0").iterdir())
   result = train_main.main(_flags(model_dir, frozen_checkpoint, "--gin.BEST_METRIC='exact_match'",
                                   steps=3))
   assert result["step"] == 3
@@ -100,10 +102,16 @@ def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint):
   assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
   assert {"loss", "steps_per_sec", "learning_rate", "tokens_per_sec"} <= set(json.loads(lines[0]))
 
+  assert data_states() == [3]  # the input pipeline's state beside each checkpoint
+
   gin.clear_config()  # resume: same command, more steps; continues from step 3
+  capsys.readouterr()
   result = train_main.main(_flags(model_dir, frozen_checkpoint, steps=6))
   assert result["step"] == 6
+  # No replay of 3 batches (the entry points log to stdout).
+  assert "Restored the input pipeline at batch 3" in capsys.readouterr().out
   assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()) == [3, 6]
+  assert data_states() == [3, 6]
   meta = json.loads((model_dir / "checkpoints" / "6" / "metadata" / "metadata").read_text())
   assert meta["data_position"] == 6 and meta["initial_checkpoint_path"] == frozen_checkpoint
 
@@ -152,7 +160,8 @@ def _subprocess_env(devices=1):
 
 
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_checkpoint):
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_checkpoint,
+                                                              capsys):
   steps = 12
   cmd = [sys.executable, "-m", "prompt_tuning.train",
          *_flags(tmp_path / "killed", frozen_checkpoint, NO_EVAL, steps=steps)]
@@ -168,7 +177,10 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, frozen_
   assert marker.exists(), ("the run never wrote its first checkpoint:\n" +
                            (tmp_path / "killed.log").read_text()[-3000:])
 
+  capsys.readouterr()
   train_main.main(_flags(tmp_path / "killed", frozen_checkpoint, NO_EVAL, steps=steps))
+  # The resumed data stream comes from the saved input pipeline state, not a replay.
+  assert re.search(r"Restored the input pipeline at batch \d+", capsys.readouterr().out)
   gin.clear_config()
   train_main.main(_flags(tmp_path / "straight", frozen_checkpoint, NO_EVAL, steps=steps))
   resumed = _final_prompt(tmp_path / "killed", steps)
