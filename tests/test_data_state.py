@@ -99,3 +99,32 @@ def test_restored_pipeline_reshuffles_later_epochs_as_the_original(tmp_path):
   # Later epochs really are reshuffled (so the comparison above covers the shuffle state).
   epochs = np.concatenate([b["encoder_input_tokens"] for b in straight])[:72].reshape(6, 12, -1)
   assert len({e.tobytes() for e in epochs}) > 1
+
+
+def test_a_pipeline_tf_data_cannot_checkpoint_is_replayed(tmp_path, caplog):
+  """Python-generator sources have no saveable state: one warning, then resumes replay."""
+  import tensorflow as tf
+  name = "test_generator_source"
+  if name not in seqio.TaskRegistry.names():
+    def make(split, shuffle_files=False, seed=None):
+      def gen():
+        for i in range(50):
+          yield {"inputs": f"x{i}", "targets": f"y{i}"}
+      spec = {"inputs": tf.TensorSpec([], tf.string), "targets": tf.TensorSpec([], tf.string)}
+      return tf.data.Dataset.from_generator(gen, output_signature=spec)
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(make, splits=("train",)),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features=seqio.get_mixture_or_task("demo_taskless_last").output_features)
+  cfg = dataclasses.replace(CFG, mixture_or_task_name=name, module=None)
+  batches = dataset.TrainBatches(cfg, shard_info=SHARD)
+  _take(batches, 2)
+  caplog.set_level("INFO")
+  assert not batches.save_state(str(tmp_path / "2"))
+  assert "Cannot save the input pipeline's state" in caplog.text
+  assert not batches.save_state(str(tmp_path / "3"))  # no second attempt, no second warning
+  assert caplog.text.count("Cannot save") == 1
+  following = _take(batches, 2)
+  resumed = dataset.TrainBatches(cfg, start_position=2, shard_info=SHARD,
+                                 state_dir=str(tmp_path / "2"))
+  _assert_same(_take(resumed, 2), following)
