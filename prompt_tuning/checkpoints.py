@@ -24,6 +24,7 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 from typing import Any
 
 import flax
@@ -71,7 +72,7 @@ class Checkpointer:
   def __init__(self, model_dir: str | os.PathLike, *, keep: int | None = 3,
                save_frozen: bool = False, cleanup_tmp: bool = False,
                subdir: str = "checkpoints", numpy_subdir: str = "numpy_checkpoints"):
-    self.model_dir = pathlib.Path(model_dir)
+    self.model_dir = prompt_io.local_path(model_dir)
     self.directory = self.model_dir / subdir
     self.numpy_dir = self.model_dir / numpy_subdir
     self.save_frozen = save_frozen
@@ -198,12 +199,13 @@ def _state_tree(state) -> dict:
 
 def check_writable(model_dir: str | os.PathLike) -> None:
   """Fails early (before hours of compute) if MODEL_DIR cannot be written."""
-  path = pathlib.Path(model_dir)
+  path = prompt_io.local_path(model_dir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    # One probe per process: the hosts of a multi-host run check the same folder at once.
+    probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"
     probe.write_text("ok")
-    probe.unlink()
+    probe.unlink(missing_ok=True)
   except OSError as e:
     raise ValueError(f"MODEL_DIR {str(path)!r} is not writable ({e.strerror}); choose a folder "
                      "you can write to with --gin.MODEL_DIR=\"'/path/to/run'\"") from e

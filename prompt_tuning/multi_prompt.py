@@ -369,7 +369,8 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
     log.info("ensemble of %d prompts on %s: ensemble %s, mean %s, best %s", num, task_name,
              metrics["ensemble"], metrics["mean"], metrics["best"])
     if output_dir and jax.process_index() == 0:
-      _write_jsonl(pathlib.Path(output_dir) / f"{task_name}-ensemble.jsonl", [
+      out_dir = prompt_io.local_path(output_dir, "OUTPUT_DIR")
+      _write_jsonl(out_dir / f"{task_name}-ensemble.jsonl", [
           {"inputs": _as_text(ex.get("inputs_pretokenized", b"")),
            "prediction": voted[b], "votes": int(out.votes_B[b]),
            "prompt_predictions": [per_prompt[n][b] for n in range(num)],
@@ -377,7 +378,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
           for b, ex in enumerate(ev.examples)])
   summary = {"prompt_files": [str(f) for f in prompt_files], "results": results}
   if output_dir and jax.process_index() == 0:
-    _write_json(pathlib.Path(output_dir) / "ensemble_results.json", summary)
+    _write_json(prompt_io.local_path(output_dir, "OUTPUT_DIR") / "ensemble_results.json", summary)
   return summary
 
 
@@ -451,7 +452,7 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
                          "examples": float(len(ev.examples)),
                          "truncated_examples": float(ev.truncated_examples)}
     log.info("mixed batch, %s with prompt %s: %s", tasks[t], prompt_files[t], results[tasks[t]])
-  out_dir = pathlib.Path(output_dir)
+  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")
   path = out_dir / "mixed_predictions.jsonl"
   summary = {"predictions": str(path), "tasks": tasks,
              "prompt_files": [str(f) for f in prompt_files], "results": results}

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any, Sequence
@@ -42,6 +43,27 @@ _SAFETENSORS_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, 
 _MAX_SAFETENSORS_HEADER = 1 << 24
 
 PathLike = str | os.PathLike
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: PathLike, flag: str = "MODEL_DIR") -> pathlib.Path:
+  """`path` as a local path; a URL (gs://, s3://, ...) is refused with the fix.
+
+  Run folders (checkpoints, summaries, exports, input pipeline states) are written and read
+  through the local file system. `pathlib` would turn `gs://bucket/run` into a local folder
+  `gs:/bucket/run` and a run would silently write there, or eval would find no checkpoint and
+  evaluate a fresh prompt. Frozen checkpoints (INITIAL_CHECKPOINT_PATH) may still be `gs://`.
+  """
+  text = os.fspath(path)
+  if _URL.match(text):
+    raise ValueError(
+        f"{flag} {text!r} is a URL, but run folders are read and written through the local file "
+        "system. Mount the bucket (for gs://, e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) "
+        "and pass the mounted path, e.g. " + (f"{flag} /mnt/BUCKET/run" if flag.startswith("-")
+                                              else f"--gin.{flag}=\"'/mnt/BUCKET/run'\"") + ".")
+  return pathlib.Path(text)
 
 
 class PromptFileError(ValueError):

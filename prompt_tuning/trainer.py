@@ -30,6 +30,7 @@ from prompt_tuning import decoding as decoding_lib
 from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
+from prompt_tuning import prompt_io
 from prompt_tuning import scan_conversion
 from prompt_tuning import train_lib
 from prompt_tuning.config import T5Config
@@ -736,7 +737,7 @@ def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int
   """The trainable parameters from MODEL_DIR's checkpoint (latest or a given step)."""
   if not model_dir:
     return setup.trainable, None
-  ckpt_dir = pathlib.Path(model_dir) / "checkpoints"
+  ckpt_dir = prompt_io.local_path(model_dir) / "checkpoints"
   if not ckpt_dir.exists():
     return setup.trainable, None
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
@@ -762,6 +763,8 @@ def _load_for_eval(dataset: dataset_lib.DatasetConfig, *, model_dir, model_confi
                    initial_checkpoint_path, prompt_init, trainable_patterns, partition,
                    checkpoint_step, random_seed, model_runtime=None):
   """The frozen model plus the prompt to evaluate: MODEL_DIR's checkpoint, else the initialiser."""
+  if model_dir:
+    prompt_io.local_path(model_dir)  # before loading what may be a large frozen model
   setup = build(model_config=model_config, prompt_config=prompt_config,
                 initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                 trainable_patterns=trainable_patterns,
@@ -822,7 +825,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
       checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
   results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
                            max_examples=max_examples, return_predictions=True)
-  out_dir = pathlib.Path(output_dir)
+  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")
   out_dir.mkdir(parents=True, exist_ok=True)
   step = "init" if meta is None else meta["step"]
   paths = []

@@ -28,7 +28,9 @@ import tensorflow as tf
 from prompt_tuning import T5
 from prompt_tuning import checkpoints
 from prompt_tuning import dataset
+from prompt_tuning import eval as eval_main
 from prompt_tuning import gin_utils
+from prompt_tuning import infer as infer_main
 from prompt_tuning import pretrained
 from prompt_tuning import train as train_main
 from prompt_tuning import trainer
@@ -481,3 +483,57 @@ def test_frozen_safetensors_with_an_absurd_header_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"
                                        r".*header too large"):
     pretrained.load_pretrained(folder)
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "infer"])
+def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, frozen_checkpoint,
+                                                                  entry, monkeypatch, capsys):
+  """`pathlib` would make `gs://bucket/run` the local folder `gs:/bucket/run`: train would write
+  there and eval would find no checkpoint and evaluate a fresh prompt. Refused, naming the fix."""
+  monkeypatch.chdir(tmp_path)
+  flags = _flags(tmp_path / "unused", frozen_checkpoint)
+  flags = [f for f in flags if not f.startswith("--gin.MODEL_DIR")]
+  flags.append("--gin.MODEL_DIR='gs://bucket/run'")
+  if entry == "eval":
+    flags = [f.replace("runs/prompt_finetune.gin", "runs/prompt_eval.gin") for f in flags
+             if "TRAIN_STEPS" not in f and "CHECKPOINT_PERIOD" not in f
+             and "EVAL_PERIOD" not in f]
+    main = eval_main.main
+  elif entry == "infer":
+    flags = [f.replace("runs/prompt_finetune.gin", "runs/prompt_infer.gin") for f in flags
+             if "TRAIN_STEPS" not in f and "CHECKPOINT_PERIOD" not in f
+             and "EVAL_PERIOD" not in f] + [f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'out'}'"]
+    main = infer_main.main
+  else:
+    main = train_main.main
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(lambda: main(flags))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "MODEL_DIR 'gs://bucket/run' is a URL" in err and "gcsfuse" in err
+  assert not (tmp_path / "gs:").exists()
+
+
+def test_hosts_checking_model_dir_at_once_do_not_trip_each_other(tmp_path):
+  """Every host runs `check_writable` on the same MODEL_DIR at start-up; their probes must not
+  collide (a shared probe file made one host fail with 'No such file or directory')."""
+  import multiprocessing
+  import time
+  model_dir = tmp_path / "shared"
+  ctx = multiprocessing.get_context("spawn")
+  start = time.time() + 8  # all four hammer the folder during the same 2 seconds
+  procs = [ctx.Process(target=_check_writable_repeatedly, args=(str(model_dir), start))
+           for _ in range(4)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(120)
+  assert [p.exitcode for p in procs] == [0] * 4
+  assert not list(model_dir.glob(".write_test*"))
+
+
+def _check_writable_repeatedly(model_dir, start):
+  import time
+  time.sleep(max(0.0, start - time.time()))
+  while time.time() < start + 2:
+    checkpoints.check_writable(model_dir)

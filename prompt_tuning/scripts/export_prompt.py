@@ -41,7 +41,8 @@ def read_metadata(model_dir: pathlib.Path, step: int) -> dict:
 
 def export(model_dir, output_dir, *, step: int | None = None,
            base_model_name_or_path: str | None = None) -> dict:
-  model_dir, output_dir = pathlib.Path(model_dir), pathlib.Path(output_dir)
+  model_dir = prompt_io.local_path(model_dir, "--model_dir")
+  output_dir = prompt_io.local_path(output_dir, "--output_dir")
   path, step = find_prompt(model_dir, step)
   prompt = prompt_io.load_prompt(path)
   meta = read_metadata(model_dir, step)
