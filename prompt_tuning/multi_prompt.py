@@ -336,6 +336,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
   _check_required(
       PROMPT_FILES=prompt_files, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
       INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
+  out_dir = prompt_io.local_path(output_dir, "OUTPUT_DIR") if output_dir else None
   setup, params = load_bank_setup(
       prompt_files=prompt_files, initial_checkpoint_path=initial_checkpoint_path,
       model_config=model_config, combine=combine, partition=partition,
@@ -368,8 +369,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
     results[task_name] = metrics
     log.info("ensemble of %d prompts on %s: ensemble %s, mean %s, best %s", num, task_name,
              metrics["ensemble"], metrics["mean"], metrics["best"])
-    if output_dir and jax.process_index() == 0:
-      out_dir = prompt_io.local_path(output_dir, "OUTPUT_DIR")
+    if out_dir is not None and jax.process_index() == 0:
       _write_jsonl(out_dir / f"{task_name}-ensemble.jsonl", [
           {"inputs": _as_text(ex.get("inputs_pretokenized", b"")),
            "prediction": voted[b], "votes": int(out.votes_B[b]),
@@ -377,8 +377,8 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
            "target": _as_text(ex.get("targets_pretokenized", b""))}
           for b, ex in enumerate(ev.examples)])
   summary = {"prompt_files": [str(f) for f in prompt_files], "results": results}
-  if output_dir and jax.process_index() == 0:
-    _write_json(prompt_io.local_path(output_dir, "OUTPUT_DIR") / "ensemble_results.json", summary)
+  if out_dir is not None and jax.process_index() == 0:
+    _write_json(out_dir / "ensemble_results.json", summary)
   return summary
 
 
@@ -406,6 +406,7 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
   _check_required(
       PROMPT_FILES=prompt_files, INITIAL_CHECKPOINT_PATH=initial_checkpoint_path,
       INFER_OUTPUT_DIR=output_dir)
+  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   if not tasks:
     if not dataset.mixture_or_task_name:
       raise ValueError("Name the tasks: TASKS = ['task_a', 'task_b'] (one per prompt file), or "
@@ -452,7 +453,6 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
                          "examples": float(len(ev.examples)),
                          "truncated_examples": float(ev.truncated_examples)}
     log.info("mixed batch, %s with prompt %s: %s", tasks[t], prompt_files[t], results[tasks[t]])
-  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")
   path = out_dir / "mixed_predictions.jsonl"
   summary = {"predictions": str(path), "tasks": tasks,
              "prompt_files": [str(f) for f in prompt_files], "results": results}

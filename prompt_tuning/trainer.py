@@ -737,7 +737,7 @@ def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int
   """The trainable parameters from MODEL_DIR's checkpoint (latest or a given step)."""
   if not model_dir:
     return setup.trainable, None
-  ckpt_dir = prompt_io.local_path(model_dir) / "checkpoints"
+  ckpt_dir = pathlib.Path(model_dir) / "checkpoints"  # a local path: `_load_for_eval` checked
   if not ckpt_dir.exists():
     return setup.trainable, None
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
@@ -788,6 +788,8 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
   """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  if output_path:
+    prompt_io.local_path(output_path, "OUTPUT_PATH")  # before any loading
   setup, trainable, meta = _load_for_eval(
       eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
@@ -818,6 +820,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   setup, trainable, meta = _load_for_eval(
       dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
@@ -825,7 +828,6 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
       checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
   results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
                            max_examples=max_examples, return_predictions=True)
-  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")
   out_dir.mkdir(parents=True, exist_ok=True)
   step = "init" if meta is None else meta["step"]
   paths = []
