@@ -239,55 +239,27 @@ class TrainBatches:
     return {k: v.astype(np.int32) for k, v in batch.items()}
 
 
-@dataclasses.dataclass
-class EvalExamples:
-  """One task's evaluation split: model features plus what metrics need (texts, raw examples)."""
-
-  task: seqio.Task
-  features: dict[str, np.ndarray]   # [N, ...] encoder/decoder tokens
-  examples: list[dict[str, Any]]    # per example: raw features incl. *_pretokenized
-  truncated_examples: int
-
-
 def task_names_for_eval(name: str, module=None) -> list[str]:
-  """A mixture is evaluated task by task (like T5X); tasks without metrics are skipped."""
+  """A mixture is evaluated task by task (like T5X)."""
   task_or_mixture = get_mixture_or_task(name, module)
   tasks = getattr(task_or_mixture, "tasks", [task_or_mixture])
   return [t.name for t in tasks]
 
 
-def load_eval_examples(task_name: str, cfg: DatasetConfig, *, max_examples: int | None = None,
-                       shard_info: seqio.ShardInfo | None = None) -> EvalExamples:
-  """Reads a whole evaluation split (in order, unshuffled) into host memory."""
-  task = get_mixture_or_task(task_name, cfg.module)
+def count_truncated(task: seqio.Task, cfg: DatasetConfig, *,
+                    max_examples: int | None = None) -> int:
+  """How many examples of `cfg.split` (the first `max_examples`) exceed TASK_FEATURE_LENGTHS.
+
+  Evaluation data are trimmed to the lengths (as seqio.Evaluator does); this pass over the
+  untrimmed examples reports how many lost tokens.
+  """
   lengths = dict(cfg.task_feature_lengths)
   ds = task.get_dataset(lengths, split=cfg.split, use_cached=cfg.use_cached, shuffle=False,
-                        shard_info=shard_info, num_epochs=1, trim_output_features=False)
+                        num_epochs=1, trim_output_features=False)
   if max_examples:
     ds = ds.take(max_examples)
-  examples = list(ds.as_numpy_iterator())
-  if not examples:
-    raise ValueError(f"Split {cfg.split!r} of task {task_name!r} has no examples; check the "
-                     "data source or pick another split.")
-  truncated = sum(int(len(ex["inputs"]) > lengths["inputs"] or
-                      len(ex["targets"]) > lengths["targets"]) for ex in examples)
-  return EvalExamples(task, to_model_features(examples, lengths), examples, truncated)
-
-
-def to_model_features(examples: Sequence[Mapping[str, np.ndarray]],
-                      lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
-  """The EncDecFeatureConverter layout (no packing) for in-memory examples."""
-  n = len(examples)
-  enc = np.zeros((n, lengths["inputs"]), np.int32)
-  tgt = np.zeros((n, lengths["targets"]), np.int32)
-  for i, ex in enumerate(examples):
-    x = np.asarray(ex["inputs"])[:lengths["inputs"]]
-    y = np.asarray(ex["targets"])[:lengths["targets"]]
-    enc[i, :len(x)] = x
-    tgt[i, :len(y)] = y
-  dec_in = np.concatenate([np.zeros((n, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-          "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
+  return sum(int(len(ex["inputs"]) > lengths["inputs"] or len(ex["targets"]) > lengths["targets"])
+             for ex in ds.as_numpy_iterator())
 
 
 def batches_of(features: Mapping[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict, int]]:

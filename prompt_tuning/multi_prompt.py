@@ -33,6 +33,7 @@ import numpy as np
 
 from prompt_tuning import dataset as dataset_lib
 from prompt_tuning import decoding
+from prompt_tuning import evaluation as evaluation_lib
 from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
@@ -45,14 +46,10 @@ from prompt_tuning.prompts import PromptConfig
 log = logging.getLogger("prompt_tuning")
 Params = Any
 
-# The trainer's helpers, reused so that texts and errors read as in `trainer.evaluate_tasks`.
-# pylint: disable=protected-access
-_as_text = trainer.as_text
+_as_text = evaluation_lib.as_text
 _check_required = trainer.check_required
-_decode_tokens = trainer.decode_tokens
-task_metrics = trainer.task_metrics
 _write_jsonl = trainer.write_jsonl
-# pylint: enable=protected-access
+_write_json = trainer.write_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,26 +293,10 @@ def load_bank_setup(*, prompt_files: Sequence[str], initial_checkpoint_path: str
   return setup, optimizers.merge_params(trainable, setup.frozen)
 
 
-def _task_decoding_config(cfg: decoding.DecodingConfig | None, task_name: str, vocab,
-                          dataset_cfg: dataset_lib.DatasetConfig) -> decoding.DecodingConfig:
-  """As `trainer.evaluate_tasks` does: greedy to the target length, or rank the task's labels."""
-  cfg = cfg or decoding.DecodingConfig(
-      max_decode_length=dataset_cfg.task_feature_lengths["targets"])
-  if cfg.method == "rank_classification" and cfg.candidate_targets is None:
-    labels = trainer.default_class_labels(task_name, dataset_cfg.module)
-    if not labels:
-      raise ValueError(f"Rank classification of {task_name!r} needs candidate labels: set "
-                       "CANDIDATE_TARGETS (see gin/decoding/rank_classification.gin)")
-    cfg = dataclasses.replace(cfg, candidate_targets=tuple(
-        tuple(vocab.encode(label)) + (cfg.eos_id,) for label in labels))
-  return cfg
-
-
-def _write_json(path: pathlib.Path, value) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
-  os.replace(tmp, path)
+def _metrics(data: evaluation_lib.TaskData, tokens_NxT, scores_N) -> dict[str, float]:
+  """The task's scalar metrics of these outputs (seqio.Evaluator's plumbing)."""
+  values = evaluation_lib.compute_task_metrics(data, predict=lambda: (tokens_NxT, scores_N))
+  return evaluation_lib.split_metric_values(values)[0]
 
 
 def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[str],
@@ -345,26 +326,29 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
   num = len(prompt_files)
   results: dict[str, Any] = {}
   for task_name in dataset_lib.task_names_for_eval(dataset.mixture_or_task_name, dataset.module):
-    ev = dataset_lib.load_eval_examples(task_name, dataset, max_examples=max_examples)
-    vocab = ev.task.output_features["targets"].vocabulary
-    cfg = _task_decoding_config(decoding_config, task_name, vocab, dataset)
-    text_of = lambda t, vocab=vocab: _decode_tokens(vocab, t)
-    out = decode_ensemble(setup.module, params, ev.features["encoder_input_tokens"], cfg,
+    data = evaluation_lib.load_task_data(task_name, dataset, max_examples=max_examples)
+    vocab = data.vocabulary
+    cfg = evaluation_lib.task_decoding_config(decoding_config, task_name, vocab, dataset)
+    text_of = lambda t, vocab=vocab: vocab.decode(np.asarray(t).tolist())
+    out = decode_ensemble(setup.module, params, data.features["encoder_input_tokens"], cfg,
                           batch_size=dataset.batch_size, key=text_of,
                           rng=jax.random.PRNGKey(random_seed), partitioner=setup.partitioner)
-    per_prompt = [[text_of(out.tokens_BxNxT[b, n]) for b in range(len(ev.examples))]
+    per_prompt = [[text_of(out.tokens_BxNxT[b, n]) for b in range(len(data))]
                   for n in range(num)]
     voted = [per_prompt[c][b] for b, c in enumerate(out.choice_B)]
-    prompt_metrics = [task_metrics(ev.task, ev.examples, preds) for preds in per_prompt]
+    prompt_metrics = [_metrics(data, out.tokens_BxNxT[:, n], out.scores_BxN[:, n])
+                      for n in range(num)]
+    chosen = np.arange(len(data))
+    ensemble = _metrics(data, out.tokens_BxT, out.scores_BxN[chosen, out.choice_B])
     names = sorted(prompt_metrics[0])
     metrics = {
-        "ensemble": task_metrics(ev.task, ev.examples, voted),
+        "ensemble": ensemble,
         "mean": {k: float(np.mean([m[k] for m in prompt_metrics])) for k in names},
         "best": {k: float(np.max([m[k] for m in prompt_metrics])) for k in names},
         "prompts": [{"prompt_file": str(f), **m} for f, m in zip(prompt_files, prompt_metrics)],
         "unanimous": float(np.mean(out.votes_B == num)),
-        "examples": float(len(ev.examples)),
-        "truncated_examples": float(ev.truncated_examples),
+        "examples": float(len(data)),
+        "truncated_examples": float(data.truncated_examples),
     }
     results[task_name] = metrics
     log.info("ensemble of %d prompts on %s: ensemble %s, mean %s, best %s", num, task_name,
@@ -375,7 +359,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
            "prediction": voted[b], "votes": int(out.votes_B[b]),
            "prompt_predictions": [per_prompt[n][b] for n in range(num)],
            "target": _as_text(ex.get("targets_pretokenized", b""))}
-          for b, ex in enumerate(ev.examples)])
+          for b, ex in enumerate(data.examples)])
   summary = {"prompt_files": [str(f) for f in prompt_files], "results": results}
   if out_dir is not None and jax.process_index() == 0:
     _write_json(out_dir / "ensemble_results.json", summary)
@@ -421,13 +405,13 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
       model_config=model_config, combine=combine, partition=partition,
       task_feature_lengths=dataset.task_feature_lengths, random_seed=random_seed,
       model_runtime=model_runtime)
-  evs = [dataset_lib.load_eval_examples(t, dataset, max_examples=max_examples) for t in tasks]
-  vocabs = [ev.task.output_features["targets"].vocabulary for ev in evs]
-  cfgs = [_task_decoding_config(decoding_config, t, v, dataset)
+  evs = [evaluation_lib.load_task_data(t, dataset, max_examples=max_examples) for t in tasks]
+  vocabs = [ev.vocabulary for ev in evs]
+  cfgs = [evaluation_lib.task_decoding_config(decoding_config, t, v, dataset)
           for t, v in zip(tasks, vocabs)]
   # One decoding config serves the mixed batches; rank candidates go per row (tasks differ).
   cfg = dataclasses.replace(cfgs[0], candidate_targets=None)
-  order = _interleave([len(ev.examples) for ev in evs])
+  order = _interleave([len(ev) for ev in evs])
   task_of = np.array([t for t, _ in order], np.int32)
   rows = np.stack([evs[t].features["encoder_input_tokens"][i] for t, i in order])
   candidates = None
@@ -437,20 +421,21 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
   tokens, scores = decode_rows(setup.module, params, rows, task_of, cfg,
                                batch_size=dataset.batch_size, rng=jax.random.PRNGKey(random_seed),
                                candidate_targets_NxCxT=candidates, partitioner=setup.partitioner)
-  predictions: list[list[str]] = [[""] * len(ev.examples) for ev in evs]
+  # Each task's outputs in its own example order, for its metrics.
+  task_tokens = [np.zeros((len(ev), tokens.shape[1]), np.int32) for ev in evs]
+  task_scores = [np.zeros((len(ev),), np.float32) for ev in evs]
   out_rows = []
   for (t, i), tokens_T, score in zip(order, tokens, scores):
-    text = _decode_tokens(vocabs[t], tokens_T)
-    predictions[t][i] = text
+    task_tokens[t][i], task_scores[t][i] = tokens_T, score
     ex = evs[t].examples[i]
     out_rows.append({"task": tasks[t], "prompt_index": t, "prompt_file": str(prompt_files[t]),
                      "inputs": _as_text(ex.get("inputs_pretokenized", b"")),
-                     "prediction": text, "score": float(score),
+                     "prediction": vocabs[t].decode(tokens_T.tolist()), "score": float(score),
                      "target": _as_text(ex.get("targets_pretokenized", b""))})
   results = {}
   for t, ev in enumerate(evs):
-    results[tasks[t]] = {**task_metrics(ev.task, ev.examples, predictions[t]),
-                         "examples": float(len(ev.examples)),
+    results[tasks[t]] = {**_metrics(ev, task_tokens[t], task_scores[t]),
+                         "examples": float(len(ev)),
                          "truncated_examples": float(ev.truncated_examples)}
     log.info("mixed batch, %s with prompt %s: %s", tasks[t], prompt_files[t], results[tasks[t]])
   path = out_dir / "mixed_predictions.jsonl"
@@ -465,5 +450,5 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
 
 __all__ = ["build_bank", "bank_model", "with_bank", "pad_inputs", "stack_candidates",
            "decode_rows", "decode_mixed", "decode_ensemble", "majority_vote", "output_key",
-           "EnsembleOutput", "load_bank_setup", "task_metrics", "evaluate_ensemble",
+           "EnsembleOutput", "load_bank_setup", "evaluate_ensemble",
            "infer_mixed"]

@@ -27,6 +27,7 @@ from prompt_tuning import checkpoints as checkpoints_lib
 from prompt_tuning import config as config_lib
 from prompt_tuning import dataset as dataset_lib
 from prompt_tuning import decoding as decoding_lib
+from prompt_tuning import evaluation as evaluation_lib
 from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
@@ -292,52 +293,7 @@ def _fmt_seconds(s: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation
-
-def decode_tokens(vocab, tokens_T: np.ndarray) -> str:
-  ids = []
-  for t in tokens_T.tolist():
-    if t == 1:
-      break
-    if t != 0:
-      ids.append(t)
-  return vocab.decode(ids)
-
-
-def as_text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def task_metrics(task, examples: Sequence[Mapping[str, Any]], predictions: Sequence[str],
-                 scores: Sequence[float] | None = None,
-                 target_scores: Sequence[float] | None = None) -> dict[str, float]:
-  """The task's seqio metric functions, as `seqio.Evaluator` calls them.
-
-  `predict_metric_fns(targets, predictions)` on postprocessed targets and predictions;
-  `predict_with_aux_metric_fns(targets, predictions, aux_values)` with `aux_values={"scores":
-  scores}` (each prediction's log-likelihood under the model) when `scores` is given;
-  `score_metric_fns(targets, scores)` with `target_scores`, each target's log-likelihood (summed
-  over its tokens), when given.
-  """
-  targets = [task.postprocess_fn(as_text(ex.get("targets_pretokenized", b"")), example=ex,
-                                 is_target=True) for ex in examples]
-  preds = [task.postprocess_fn(p, example=ex, is_target=False)
-           for p, ex in zip(predictions, examples)]
-  metrics = {}
-
-  def add(values):
-    for k, v in values.items():
-      metrics[k] = float(getattr(v, "value", v))
-  for metric_fn in getattr(task, "predict_metric_fns", None) or []:
-    add(metric_fn(targets, preds))
-  if scores is not None:
-    for metric_fn in getattr(task, "predict_with_aux_metric_fns", None) or []:
-      add(metric_fn(targets, preds, {"scores": np.asarray(scores, np.float32)}))
-  if target_scores is not None:
-    for metric_fn in getattr(task, "score_metric_fns", None) or []:
-      add(metric_fn(targets, np.asarray(target_scores, np.float32)))
-  return metrics
-
+# Output files
 
 def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
   """Writes rows to a temporary file renamed into place (never a half-written file)."""
@@ -350,68 +306,13 @@ def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
   os.replace(tmp, path)
 
 
-def evaluate_tasks(setup: Setup, trainable, dataset_cfg: dataset_lib.DatasetConfig, *,
-                   decoding_config: decoding_lib.DecodingConfig | None = None,
-                   max_examples: int | None = None, batch_size: int | None = None,
-                   return_predictions: bool = False) -> dict[str, Any]:
-  """Teacher-forced loss and the task's metrics on every task of a task or mixture."""
-  module, model, part = setup.module, setup.model, setup.partitioner
-  batch_size = batch_size or dataset_cfg.batch_size
-  eval_fn = jax.jit(lambda t, f, b: train_lib.eval_step(t, f, b, model=model))
-  results: dict[str, Any] = {}
-  for task_name in dataset_lib.task_names_for_eval(dataset_cfg.mixture_or_task_name,
-                                                   dataset_cfg.module):
-    ev = dataset_lib.load_eval_examples(task_name, dataset_cfg, max_examples=max_examples)
-    task = ev.task
-    vocab = task.output_features["targets"].vocabulary
-    cfg = decoding_config or decoding_lib.DecodingConfig(
-        max_decode_length=dataset_cfg.task_feature_lengths["targets"])
-    if cfg.method == "rank_classification" and cfg.candidate_targets is None:
-      labels = default_class_labels(task_name, dataset_cfg.module)
-      if not labels:
-        raise ValueError(f"Rank classification of {task_name!r} needs candidate labels")
-      cfg = dataclasses.replace(cfg, candidate_targets=tuple(
-          tuple(vocab.encode(l)) + (1,) for l in labels))
-    predict_fn = jax.jit(lambda t, f, b: decoding_lib.decode(
-        module, optimizers.merge_params(t, f), b, cfg))
-    # Tasks with score metrics get each target's log-likelihood too (one more forward pass).
-    score_fn = None
-    if getattr(task, "score_metric_fns", None):
-      score_fn = jax.jit(lambda t, f, b: model.score_batch(optimizers.merge_params(t, f), b))
-    sums = {"loss": 0.0, "correct_tokens": 0.0, "target_tokens": 0.0}
-    predictions: list[str] = []
-    scores: list[float] = []
-    target_scores: list[float] = []
-    with part.activate():
-      for batch, rows in dataset_lib.batches_of(ev.features, batch_size):
-        # Padded rows have no targets, so they add nothing to the sums.
-        sharded = part.shard_batch(partitioning.host_rows(batch))
-        out = eval_fn(trainable, setup.frozen, sharded)
-        for k in sums:
-          sums[k] += float(partitioning.to_host(out[k]))
-        tokens, batch_scores = predict_fn(trainable, setup.frozen, sharded)
-        tokens = partitioning.to_host(tokens)
-        batch_scores = partitioning.to_host(batch_scores)
-        predictions += [decode_tokens(vocab, tokens[i]) for i in range(rows)]
-        scores += [float(batch_scores[i]) for i in range(rows)]
-        if score_fn is not None:
-          batch_target = partitioning.to_host(score_fn(trainable, setup.frozen, sharded))
-          target_scores += [float(batch_target[i]) for i in range(rows)]
-    metrics = {"loss": sums["loss"] / max(sums["target_tokens"], 1.0),
-               "token_accuracy": sums["correct_tokens"] / max(sums["target_tokens"], 1.0),
-               "examples": float(len(ev.examples)),
-               "truncated_examples": float(ev.truncated_examples)}
-    metrics.update(task_metrics(task, ev.examples, predictions, scores=scores,
-                                target_scores=target_scores if score_fn is not None else None))
-    if return_predictions:
-      metrics["_predictions"] = [
-          {"inputs": as_text(ex.get("inputs_pretokenized", b"")), "prediction": p,
-           "score": sc, "target": as_text(ex.get("targets_pretokenized", b""))}
-          for p, sc, ex in zip(predictions, scores, ev.examples)]
-    results[task_name] = metrics
-    log.info("eval %s: %s", task_name, {k: round(v, 4) for k, v in metrics.items()
-                                        if not k.startswith("_")})
-  return results
+def write_json(path: pathlib.Path, value: Any) -> None:
+  """Writes JSON to a temporary file renamed into place (never a half-written file)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=2, default=float))
+  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -665,15 +566,22 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
 
   best = _BestCheckpoint(model_dir, best_metric, best_mode) if best_metric else None
 
+  evaluation = None
+  if eval_dataset is not None:  # data cached and functions compiled once for the whole run
+    evaluation = evaluation_lib.Evaluation(
+        setup, eval_dataset, decoding_config=decoding_config, max_examples=eval_max_examples,
+        random_seed=random_seed)
+
   def run_eval(at_step):
-    results = evaluate_tasks(setup, state.params, eval_dataset, decoding_config=decoding_config,
-                             max_examples=eval_max_examples)
-    for task_name, m in results.items():
-      eval_writer.write(at_step, {f"{task_name}/{k}": v for k, v in m.items()
-                                  if not k.startswith("_")})
+    results = evaluation.run(state.params, step=at_step)
+    for task_name, r in results.items():
+      eval_writer.write(at_step, {f"{task_name}/{k}": v for k, v in r.metrics.items()})
+    evaluation_lib.log_metric_values(os.path.join(str(model_dir), "eval"), at_step,
+                                     {t: r.values for t, r in results.items()})
+    scalars = evaluation_lib.scalars(results)
     if best is not None:
-      best.update(at_step, results, state, metadata())
-    return results
+      best.update(at_step, scalars, state, metadata())
+    return scalars
 
   if eval_dataset is not None and eval_at_start and latest is None:
     initial_eval = run_eval(step)
@@ -733,46 +641,80 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
 # ------------------------------------------------------------------------------------------------
 # Evaluation and inference of a trained (or released) prompt
 
-def _restore_trainable(setup: Setup, model_dir: str | None, checkpoint_step: int | None):
-  """The trainable parameters from MODEL_DIR's checkpoint (latest or a given step)."""
-  if not model_dir:
-    return setup.trainable, None
-  ckpt_dir = pathlib.Path(model_dir) / "checkpoints"  # a local path: `_load_for_eval` checked
-  if not ckpt_dir.exists():
-    return setup.trainable, None
+def _checkpoint_steps(model_dir: str | None) -> list[int]:
+  """The steps saved in MODEL_DIR/checkpoints, oldest first (none for a missing folder)."""
+  if not model_dir or not (pathlib.Path(model_dir) / "checkpoints").is_dir():
+    return []
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
-  step = checkpoint_step if checkpoint_step is not None else ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    return setup.trainable, None
-  if step not in ckpt.all_steps():
-    raise ValueError(f"No checkpoint {step} in {ckpt_dir}; available: {ckpt.all_steps()}")
-  meta = ckpt.read_metadata(step)
-  import orbax.checkpoint as ocp
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.trainable)
   try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def _restore_trainable(setup: Setup, model_dir: str, step: int):
+  """The trainable parameters saved at `step` in MODEL_DIR, and that checkpoint's metadata."""
+  ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
+  try:
+    meta = ckpt.read_metadata(step)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.trainable)
     params = ckpt.restore_params(step, abstract)
   finally:
     ckpt.close()
-  log.info("Restored the trainable parameters from %s step %d", ckpt_dir, step)
+  log.info("Restored the trainable parameters from %s step %d", ckpt.directory, step)
   return params, {"step": step, **meta}
 
 
-def _load_for_eval(dataset: dataset_lib.DatasetConfig, *, model_dir, model_config, prompt_config,
-                   initial_checkpoint_path, prompt_init, trainable_patterns, partition,
-                   checkpoint_step, random_seed, model_runtime=None):
-  """The frozen model plus the prompt to evaluate: MODEL_DIR's checkpoint, else the initialiser."""
+def _steps_to_evaluate(model_dir: str | None, checkpoint_step, prompt_init: PromptInit,
+                       prompt_config: PromptConfig | None) -> list[int] | None:
+  """Which of MODEL_DIR's checkpoints to evaluate (None: the prompt from PROMPT_FILE / init).
+
+  `checkpoint_step` is None (the latest), a step, or 'all' (every saved step, oldest first).
+  Checked before any model is loaded: a MODEL_DIR without checkpoints is an error unless a
+  prompt file is given (a typo in MODEL_DIR would otherwise evaluate a random prompt).
+  """
   if model_dir:
-    prompt_io.local_path(model_dir)  # before loading what may be a large frozen model
-  setup = build(model_config=model_config, prompt_config=prompt_config,
-                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
-                trainable_patterns=trainable_patterns,
-                task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
-                random_seed=random_seed, task_name=dataset.mixture_or_task_name,
-                task_module=dataset.module, model_runtime=model_runtime)
-  trainable, meta = _restore_trainable(setup, model_dir, checkpoint_step)
-  return setup, trainable, meta
+    prompt_io.local_path(model_dir)
+  if checkpoint_step is not None and checkpoint_step != "all" and (
+      isinstance(checkpoint_step, bool) or not isinstance(checkpoint_step, int)):
+    raise ValueError(f"CHECKPOINT_STEP must be a step number, None (the latest) or 'all', got "
+                     f"{checkpoint_step!r}")
+  steps = _checkpoint_steps(model_dir)
+  if steps:
+    if checkpoint_step == "all":
+      return steps
+    if checkpoint_step is None:
+      return [steps[-1]]
+    if checkpoint_step not in steps:
+      raise ValueError(f"No checkpoint {checkpoint_step} in {model_dir}/checkpoints; saved steps: "
+                       f"{steps}")
+    return [checkpoint_step]
+  from_file = prompt_config is not None and prompt_init.kind == "from_file"
+  if model_dir and not from_file:
+    what = ("does not exist" if not pathlib.Path(model_dir).exists()
+            else "has no checkpoints (MODEL_DIR/checkpoints/<step>)")
+    raise ValueError(
+        f"MODEL_DIR {model_dir} {what}, so there is no trained prompt to evaluate. Check the "
+        "path, or evaluate a prompt file: --gin_file=prompts/from_file.gin "
+        "--gin.PROMPT_FILE=\"'prompt.npy'\" (with --gin.MODEL_DIR=None).")
+  if checkpoint_step is not None:
+    raise ValueError(f"CHECKPOINT_STEP={checkpoint_step!r} needs a MODEL_DIR with checkpoints")
+  if prompt_config is not None and not from_file:
+    log.warning("Evaluating a freshly initialised prompt (%s): no MODEL_DIR and no PROMPT_FILE",
+                prompt_init.kind)
+  return None
+
+
+def _build_for_eval(dataset: dataset_lib.DatasetConfig, *, model_config, prompt_config,
+                    initial_checkpoint_path, prompt_init, trainable_patterns, partition,
+                    random_seed, model_runtime=None) -> Setup:
+  return build(model_config=model_config, prompt_config=prompt_config,
+               initial_checkpoint_path=initial_checkpoint_path, partition=partition,
+               trainable_patterns=trainable_patterns,
+               task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
+               random_seed=random_seed, task_name=dataset.mixture_or_task_name,
+               task_module=dataset.module, model_runtime=model_runtime)
 
 
 def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None = None,
@@ -780,31 +722,63 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              prompt_config: PromptConfig | None = PromptConfig(),
              initial_checkpoint_path: str | None = None, prompt_init: PromptInit = PromptInit(),
              trainable_patterns: Sequence[str] = optimizers.PROMPT_PATTERNS,
-             partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
+             partition: PartitionConfig = PartitionConfig(),
+             checkpoint_step: int | str | None = None,
              decoding_config: decoding_lib.DecodingConfig | None = None,
              max_examples: int | None = None, random_seed: int = 42,
              output_path: str | None = None,
              model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Evaluates a prompt: MODEL_DIR's checkpoint if it has one, else PROMPT_FILE (from_file)."""
+  """Evaluates a prompt: MODEL_DIR's checkpoint (latest, a step, or 'all'), else PROMPT_FILE.
+
+  Writes `eval_results_<decoding>.json` (MODEL_DIR, or OUTPUT_PATH) with the scalar metrics and
+  the text samples, and every metric value to TensorBoard under `eval_<decoding>/<task>/`
+  beside it. With CHECKPOINT_STEP='all', every saved step is evaluated, oldest first, one row
+  per step in `eval_all_checkpoints_<decoding>.jsonl` (written after each step).
+  """
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   if output_path:
     prompt_io.local_path(output_path, "OUTPUT_PATH")  # before any loading
-  setup, trainable, meta = _load_for_eval(
-      eval_dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
+  config_lib.check_runtime(model_runtime)
+  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
+  setup = _build_for_eval(
+      eval_dataset, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
-      trainable_patterns=trainable_patterns, partition=partition,
-      checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
-  if meta is None and prompt_config is not None and prompt_init.kind != "from_file":
-    log.warning("Evaluating a freshly initialised prompt (%s): no checkpoint in MODEL_DIR and "
-                "no PROMPT_FILE", prompt_init.kind)
-  results = evaluate_tasks(setup, trainable, eval_dataset, decoding_config=decoding_config,
-                           max_examples=max_examples)
-  out = {"checkpoint_step": None if meta is None else meta["step"], "results": results}
-  if output_path or model_dir:
-    path = pathlib.Path(output_path or pathlib.Path(model_dir) / "eval_results.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+      trainable_patterns=trainable_patterns, partition=partition, random_seed=random_seed,
+      model_runtime=model_runtime)
+  evaluation = evaluation_lib.Evaluation(setup, eval_dataset, decoding_config=decoding_config,
+                                         max_examples=max_examples, random_seed=random_seed)
+  mode = evaluation.decoding_method
+  out_folder = (pathlib.Path(output_path).parent if output_path
+                else pathlib.Path(model_dir) if model_dir else None)
+  log_dir = str(out_folder / f"eval_{mode}") if out_folder is not None else None
+  write = jax.process_index() == 0 and out_folder is not None
+
+  def one(trainable, step):
+    results = evaluation.run(trainable, step=step)
+    evaluation_lib.log_metric_values(log_dir, step, evaluation_lib.metric_values(results))
+    return {"checkpoint_step": step, "decoding": mode,
+            "results": evaluation_lib.scalars(results),
+            "samples": evaluation_lib.samples(results)}
+
+  if steps is None:
+    out = one(setup.trainable, None)
+  else:
+    rows = []
+    for step in steps:
+      trainable, _ = _restore_trainable(setup, model_dir, step)
+      rows.append(one(trainable, step))
+      if write and checkpoint_step == "all":
+        path = out_folder / f"eval_all_checkpoints_{mode}.jsonl"
+        write_jsonl(path, rows)
+        log.info("Evaluated step %d (%d of %d); rows in %s", step, len(rows), len(steps), path)
+    out = rows[-1] if checkpoint_step != "all" else {
+        "decoding": mode, "checkpoints": rows,
+        "path": str(out_folder / f"eval_all_checkpoints_{mode}.jsonl") if write else None}
+  if write and checkpoint_step != "all":
+    path = pathlib.Path(output_path) if output_path else out_folder / f"eval_results_{mode}.json"
+    write_json(path, out)
+    log.info("Wrote %s", path)
   return out
 
 
@@ -816,26 +790,71 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           partition: PartitionConfig = PartitionConfig(), checkpoint_step: int | None = None,
           decoding_config: decoding_lib.DecodingConfig | None = None,
           max_examples: int | None = None, random_seed: int = 42,
+          mode: str = "predict", num_return_sequences: int | None = None,
           model_runtime: Mapping[str, Any] | None = None) -> list[pathlib.Path]:
-  """Writes one JSONL of {inputs, prediction, target} per task of `dataset`."""
+  """Writes one JSONL per task of `dataset`, as T5X's infer.py modes do.
+
+  - `predict`: {inputs, prediction, score, target} per example (`<task>-<step>.jsonl`; score:
+    the prediction's log-likelihood, length-normalised for beam search); with
+    `num_return_sequences` N (beam search) also `n_best`: the N best {prediction, score}.
+  - `predict_with_aux`: the same plus `aux_value: {scores}` (each decode's log-likelihood).
+  - `score`: {inputs, target, score}, the target's log-likelihood under the model.
+  Other modes than predict name their files `<task>-<step>.<mode>.jsonl`.
+  """
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  if mode not in evaluation_lib.INFER_MODES:
+    raise ValueError(f"INFER_MODE={mode!r}; choose one of {evaluation_lib.INFER_MODES}")
+  if num_return_sequences is not None and mode != "predict":
+    raise ValueError("NUM_RETURN_SEQUENCES (n-best outputs) goes with INFER_MODE='predict'")
+  if checkpoint_step == "all":
+    raise ValueError("CHECKPOINT_STEP='all' is for prompt_tuning.eval; infer takes one step")
   out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
-  setup, trainable, meta = _load_for_eval(
-      dataset, model_dir=model_dir, model_config=model_config, prompt_config=prompt_config,
+  config_lib.check_runtime(model_runtime)
+  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
+  setup = _build_for_eval(
+      dataset, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
-      trainable_patterns=trainable_patterns, partition=partition,
-      checkpoint_step=checkpoint_step, random_seed=random_seed, model_runtime=model_runtime)
-  results = evaluate_tasks(setup, trainable, dataset, decoding_config=decoding_config,
-                           max_examples=max_examples, return_predictions=True)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  step = "init" if meta is None else meta["step"]
+      trainable_patterns=trainable_patterns, partition=partition, random_seed=random_seed,
+      model_runtime=model_runtime)
+  trainable, step = setup.trainable, "init"
+  if steps is not None:
+    trainable, _ = _restore_trainable(setup, model_dir, steps[-1])
+    step = steps[-1]
+  decoding = None if mode == "score" else decoding_config
+  evaluation = evaluation_lib.Evaluation(setup, dataset, decoding_config=decoding,
+                                         max_examples=max_examples, random_seed=random_seed)
   paths = []
-  for task_name, m in results.items():
-    path = out_dir / f"{task_name}-{step}.jsonl"
-    write_jsonl(path, m["_predictions"])
+  for data in evaluation.tasks:
+    vocab = data.vocabulary
+    base = [{"inputs": evaluation_lib.as_text(ex.get("inputs_pretokenized", b"")),
+             "target": evaluation_lib.as_text(ex.get("targets_pretokenized", b""))}
+            for ex in data.examples]
+    if mode == "score":
+      scores = evaluation.score(trainable, data)
+      rows = [{**b, "score": float(s)} for b, s in zip(base, scores)]
+    elif num_return_sequences is not None:
+      tokens, scores = evaluation.n_best(trainable, data, num_return_sequences)
+      rows = []
+      for b, t_n, s_n in zip(base, tokens, scores):
+        n_best = [{"prediction": vocab.decode(t.tolist()), "score": float(s)}
+                  for t, s in zip(t_n, s_n)]
+        rows.append({"inputs": b["inputs"], "prediction": n_best[0]["prediction"],
+                     "target": b["target"], "n_best": n_best})
+    else:
+      tokens, scores = evaluation.predict(trainable, data)
+      rows = [{"inputs": b["inputs"], "prediction": vocab.decode(t.tolist()),
+               "score": float(s), "target": b["target"]}
+              for b, t, s in zip(base, tokens, scores)]
+      if mode == "predict_with_aux":
+        for r, s in zip(rows, scores):
+          r["aux_value"] = {"scores": float(s)}
+    suffix = "" if mode == "predict" else f".{mode}"
+    path = out_dir / f"{data.name}-{step}{suffix}.jsonl"
+    if jax.process_index() == 0:
+      write_jsonl(path, rows)
+      log.info("Wrote %d rows (%s) to %s", len(rows), mode, path)
     paths.append(path)
-    log.info("Wrote %d predictions to %s", len(m["_predictions"]), path)
   return paths
 
 
@@ -846,5 +865,5 @@ def configure_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-__all__ = ["PromptInit", "PartitionConfig", "train", "evaluate", "infer", "evaluate_tasks",
+__all__ = ["PromptInit", "PartitionConfig", "train", "evaluate", "infer",
            "build", "NonFiniteLossError"]

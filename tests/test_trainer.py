@@ -120,7 +120,7 @@ def test_train_checkpoint_resume_eval_infer(tmp_path, frozen_checkpoint, capsys)
   assert out["checkpoint_step"] == 6
   metrics = out["results"]["demo_taskless_last"]
   assert 0.0 <= metrics["exact_match"] <= 1.0 and np.isfinite(metrics["loss"])
-  assert (model_dir / "eval_results.json").exists()
+  assert (model_dir / "eval_results_greedy.json").exists()
 
   gin.clear_config()
   paths = infer_main.main([
@@ -355,6 +355,7 @@ def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
   `predict_with_aux_metric_fns(targets, predictions, aux_values)` each prediction's score."""
   import seqio
   from prompt_tuning import dataset, decoding, optimizers, trainer
+  from prompt_tuning import evaluation as evaluation_lib
   import tasks.demo  # noqa: F401  (registers demo_taskless_last)
   base = seqio.get_mixture_or_task("demo_taskless_last")
   seen = {}
@@ -380,20 +381,20 @@ def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
       trainable_patterns=optimizers.PROMPT_PATTERNS, task_feature_lengths=lengths,
       prompt_init=trainer.PromptInit(), random_seed=0)
   cfg = dataset.DatasetConfig(name, lengths, batch_size=4)
-  results = trainer.evaluate_tasks(setup, setup.trainable, cfg, max_examples=6,
-                                   return_predictions=True)[name]
-  rows = results["_predictions"]
-  assert len(seen["target_scores"]) == len(seen["scores"]) == len(rows) == 6
+  evaluation = evaluation_lib.Evaluation(setup, cfg, max_examples=6)
+  results = evaluation.run(setup.trainable)[name].metrics
+  data = evaluation.tasks[0]
+  tokens, scores = evaluation.predict(setup.trainable, data)
+  assert len(seen["target_scores"]) == len(seen["scores"]) == len(data) == 6
   # Prediction scores are the decoder's, in example order.
-  np.testing.assert_allclose(seen["scores"], [r["score"] for r in rows], rtol=1e-6)
-  assert seen["predictions"] == [r["prediction"] for r in rows]
-  assert seen["targets"] == [r["target"] for r in rows]
+  np.testing.assert_allclose(seen["scores"], scores, rtol=1e-6)
+  assert seen["predictions"] == [data.vocabulary.decode(t.tolist()) for t in tokens]
+  assert seen["targets"] == [ex["targets_pretokenized"].decode() for ex in data.examples]
   # Target scores equal an independent teacher-forced scoring of the same examples.
-  ev = dataset.load_eval_examples(name, cfg, max_examples=6)
   params = optimizers.merge_params(setup.trainable, setup.frozen)
   expected = decoding.score_targets(
-      setup.module, params, ev.features["encoder_input_tokens"],
-      ev.features["decoder_input_tokens"], ev.features["decoder_target_tokens"])
+      setup.module, params, data.features["encoder_input_tokens"],
+      data.features["decoder_input_tokens"], data.features["decoder_target_tokens"])
   np.testing.assert_allclose(seen["target_scores"], expected, rtol=1e-5, atol=1e-5)
   assert np.all(seen["target_scores"] < 0)
   assert results["mean_target_ll"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
