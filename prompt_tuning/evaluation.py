@@ -255,10 +255,19 @@ class Evaluation:
     self.dataset_cfg = dataset_cfg
     self.batch_size = batch_size or dataset_cfg.batch_size
     self.rng = jax.random.PRNGKey(random_seed)
-    self.tasks: list[TaskData] = [
-        load_task_data(name, dataset_cfg, max_examples=max_examples)
-        for name in dataset_lib.task_names_for_eval(dataset_cfg.mixture_or_task_name,
-                                                    dataset_cfg.module)]
+    names = dataset_lib.task_names_for_eval(dataset_cfg.mixture_or_task_name,
+                                            dataset_cfg.module)
+    if len(names) > 1:  # a mixture: as T5X, skip its tasks without this split
+      kept = [n for n in names if dataset_cfg.split in
+              dataset_lib.get_mixture_or_task(n, dataset_cfg.module).splits]
+      if not kept:
+        raise ValueError(f"No task of {dataset_cfg.mixture_or_task_name!r} has a split "
+                         f"{dataset_cfg.split!r}; set EVAL_SPLIT / INFER_SPLIT.")
+      for n in sorted(set(names) - set(kept)):
+        log.warning("Skipping %s: it has no %r split", n, dataset_cfg.split)
+      names = kept
+    self.tasks: list[TaskData] = [load_task_data(name, dataset_cfg, max_examples=max_examples)
+                                  for name in names]
     self.decoding = {t.name: task_decoding_config(decoding_config, t.name, t.vocabulary,
                                                   dataset_cfg) for t in self.tasks}
     module, model = setup.module, setup.model
