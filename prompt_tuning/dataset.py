@@ -48,7 +48,9 @@ class DatasetConfig:
       raise ValueError(f"TASK_FEATURE_LENGTHS must give lengths for {sorted(missing)}, e.g. "
                        "{'inputs': 512, 'targets': 8}")
     if self.batch_size <= 0:
-      raise ValueError(f"BATCH_SIZE must be positive, got {self.batch_size}")
+      raise ValueError(f"BATCH_SIZE must be positive, got {self.batch_size} (the batch size of "
+                       "this data: BATCH_SIZE, or EVAL_BATCH_SIZE for evaluation); pass e.g. "
+                       "--gin.BATCH_SIZE=32")
 
 
 def import_modules(module) -> None:

@@ -1,11 +1,14 @@
 """T5X-style gin flags for the entry points: `--gin_file`, `--gin.NAME=VALUE`, `--gin_bindings`,
 `--gin_search_paths`, and the project's `gin/` folder always on the search path.
 
-Errors in gin files or bindings are re-raised naming the file or binding and the fix.
+Errors in gin files or bindings are re-raised naming the file or binding and the fix. A binding
+of a macro that no loaded gin file uses or defines (a typo such as `--gin.TASK_FEATURE_LENGHTS`)
+is an error too: gin itself accepts it silently and the run goes on with the default.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -13,6 +16,7 @@ import pathlib
 from typing import Sequence
 
 import gin
+from gin import config_parser
 
 
 def project_gin_dir() -> pathlib.Path:
@@ -94,7 +98,8 @@ class _QuietIncludeMisses(logging.Filter):
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths=()) -> None:
-  """Loads gin files then bindings (later wins), with errors that name what failed."""
+  """Loads gin files then bindings (later wins), with errors that name what failed; refuses a
+  binding of a macro that nothing loaded uses or defines."""
   quiet = _QuietIncludeMisses()
   logging.getLogger().addFilter(quiet)
   try:
@@ -113,6 +118,8 @@ def _parse(gin_files, bindings, extra_search_paths) -> None:
       gin.parse_config_file(path)
     except Exception as e:  # gin raises many types; the message is what the user needs
       raise ValueError(f"Error in gin file {path}: {e}") from e
+  known = _macros()[0] if bindings else set()  # what the files define
+  bound = []  # (macro, binding): each unscoped macro a binding sets
   for b in bindings:
     try:
       gin.parse_config(b)
@@ -120,6 +127,82 @@ def _parse(gin_files, bindings, extra_search_paths) -> None:
       raise ValueError(f"Error in gin binding {b!r}: {e}. Bindings look like "
                        "--gin.TRAIN_STEPS=100 or --gin.MODEL_DIR=\"'/tmp/run'\" (strings need "
                        "inner quotes).") from e
+    statements = _statements(b)
+    own = [(s.selector, b) for s in statements if isinstance(s, config_parser.BindingStatement)
+           and not s.arg_name and not s.scope]
+    if any(isinstance(s, config_parser.IncludeStatement) for s in statements):
+      known |= _macros()[0] - {name for name, _ in own}  # an `include` loads a file too
+    bound += own
+  if bound:  # references count from the files and the bindings alike
+    _check_macros_used(bound, known | _macros()[1], gin_files)
+
+class _Names(config_parser.ParserDelegate):
+  """Parses gin text for its statements only, collecting the macros it references."""
+
+  def __init__(self):
+    self.references = set()
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return None
+
+  def macro(self, macro_name):
+    self.references.add(macro_name)
+    return None
+
+
+def _statements(text: str, names: _Names | None = None) -> list:
+  return list(config_parser.ConfigParser(text, names or _Names()))
+
+
+def _macros() -> tuple[set[str], set[str]]:
+  """(defined, referenced) macros of gin's current config, both read from `gin.config_str()`,
+  which renders every binding and its `%NAME` references after includes, in gin's own syntax."""
+  names = _Names()
+  statements = _statements(gin.config_str(), names)
+  defined = {s.selector for s in statements
+             if isinstance(s, config_parser.BindingStatement) and not s.arg_name}
+  return defined, names.references
+
+
+def _project_files_using(name: str) -> list[str]:
+  """The project's gin files that reference or define macro `name` (for the error's advice)."""
+  root = project_gin_dir()
+  found = []
+  for path in sorted(root.rglob("*.gin")):
+    names = _Names()
+    try:
+      statements = _statements(path.read_text(), names)
+    except Exception:  # pylint: disable=broad-except  (only advice; gin reports real errors)
+      continue
+    if name in names.references or any(isinstance(s, config_parser.BindingStatement)
+                                       and not s.arg_name and s.selector == name
+                                       for s in statements):
+      found.append(path.relative_to(root).as_posix())
+  return found
+
+
+def _check_macros_used(bound, known: set[str], gin_files) -> None:
+  """gin accepts a binding of a macro nobody reads and changes nothing: refuse it instead."""
+  known = {k for k in known if "." not in k}  # `%gin.REQUIRED` is a constant, not a macro
+  for name, binding in bound:
+    if name in known:
+      continue
+    close = difflib.get_close_matches(name.upper(), sorted(known), n=3, cutoff=0.6)
+    if close:
+      advice = f"did you mean {' or '.join(close)}? Correct the name (--gin.{close[0]}=...)"
+    else:
+      advice = f"correct the name (the loaded files' macros: {', '.join(sorted(known))})"
+    users = _project_files_using(name)
+    if 0 < len(users) <= 2:
+      advice += ", or load the gin file that uses it: " + " or ".join(
+          f"--gin_file={u}" for u in users)
+    elif users:
+      advice += (f", or load the gin file that uses it with --gin_file ({len(users)} of the "
+                 f"project's do: {', '.join(users[:3])}, ...)")
+    raise ValueError(
+        f"The gin binding {binding!r} sets the macro {name}, which none of the loaded gin files "
+        f"({', '.join(gin_files)} and their includes) uses or defines, so it would change "
+        f"nothing: {advice}.")
 
 
 def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:

@@ -317,6 +317,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
   _check_required(
       PROMPT_FILES=prompt_files, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
       INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
+  trainer.check_positive(("EVAL_MAX_EXAMPLES",), EVAL_MAX_EXAMPLES=max_examples)
   out_dir = prompt_io.local_path(output_dir, "OUTPUT_DIR") if output_dir else None
   setup, params = load_bank_setup(
       prompt_files=prompt_files, initial_checkpoint_path=initial_checkpoint_path,
@@ -390,6 +391,7 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
   _check_required(
       PROMPT_FILES=prompt_files, INITIAL_CHECKPOINT_PATH=initial_checkpoint_path,
       INFER_OUTPUT_DIR=output_dir)
+  trainer.check_positive(("INFER_MAX_EXAMPLES",), INFER_MAX_EXAMPLES=max_examples)
   out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   if not tasks:
     if not dataset.mixture_or_task_name:

@@ -99,6 +99,19 @@ def check_required(**values) -> None:
                        f"e.g. --gin.{name}=\"'value'\")")
 
 
+def check_positive(allow_none=(), **values) -> None:
+  """Step counts, periods and sizes of 0 or less would run and silently do nothing: refuse them.
+
+  Names in `allow_none` may be None (no limit, keep all)."""
+  for name, value in values.items():
+    if value is None and name in allow_none:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+      none = " or None (no limit)" if name in allow_none else ""
+      raise ValueError(f"{name} must be a positive integer{none}, got {value!r}: pass e.g. "
+                       f"--gin.{name}=10")
+
+
 def _targets_vocabulary(task_name: str | None, module=None):
   if not task_name:
     return None
@@ -469,6 +482,10 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
   check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  check_positive(("KEEP_CHECKPOINTS", "EVAL_MAX_EXAMPLES"), TRAIN_STEPS=train_steps,
+                 EVAL_PERIOD=eval_period, CHECKPOINT_PERIOD=checkpoint_period,
+                 KEEP_CHECKPOINTS=keep_checkpoints, EVAL_MAX_EXAMPLES=eval_max_examples,
+                 NUM_MICROBATCHES=num_microbatches, **{"trainer.train.log_period": log_period})
   checkpoints_lib.check_writable(model_dir)
   dataset_lib.import_modules(train_dataset.module)
   setup = build(model_config=model_config, prompt_config=prompt_config,
@@ -737,6 +754,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
   """
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  check_positive(("EVAL_MAX_EXAMPLES",), EVAL_MAX_EXAMPLES=max_examples)
   if output_path:
     prompt_io.local_path(output_path, "OUTPUT_PATH")  # before any loading
   config_lib.check_runtime(model_runtime)
@@ -803,6 +821,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   """
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
+  check_positive(("INFER_MAX_EXAMPLES",), INFER_MAX_EXAMPLES=max_examples)
   if mode not in evaluation_lib.INFER_MODES:
     raise ValueError(f"INFER_MODE={mode!r}; choose one of {evaluation_lib.INFER_MODES}")
   if num_return_sequences is not None and mode != "predict":
