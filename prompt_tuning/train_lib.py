@@ -86,7 +86,11 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *,
   loss = sums["loss"] / normalizer
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
+  grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+  # Finite norms too: parameters that grew past ~1e19 are finite one by one while their norm
+  # overflows, and such a prompt only ever gets zero updates after that.
+  finite = (jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
+            & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm))
   if skip_nonfinite:
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
@@ -95,7 +99,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *,
       "z_loss": sums["z_loss"] / normalizer,
       "accuracy": sums["correct_tokens"] / jnp.maximum(sums["target_tokens"], 1.0),
       "target_tokens": sums["target_tokens"],
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": grad_norm,
       "param_norm": optax.global_norm(params),
       "finite": finite,
   }
