@@ -2,12 +2,17 @@
 
 Plain functions with keyword arguments; gin files only wire them (see gin/runs/). A run:
   load the frozen checkpoint (INITIAL_CHECKPOINT_PATH) -> add a prompt (initialiser) ->
-  resume the trainable state from MODEL_DIR if it has a checkpoint -> loop: prompt-only train
-  step on sharded batches; log; checkpoint; evaluate.
+  resume the trainable state from MODEL_DIR if it has a checkpoint (of a run with the same
+  settings) -> loop: prompt-only train step on sharded batches; log; checkpoint; evaluate.
+
+A run records its settings (`run_settings`) in each checkpoint's metadata and in
+MODEL_DIR/run_settings.json: a resume compares them, and eval/infer take the task, lengths,
+prompt and frozen model from them when the command line does not give them.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -44,6 +49,10 @@ log = logging.getLogger("prompt_tuning")
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+class Interrupted(KeyboardInterrupt):
+  """A second Ctrl-C stopped the run (the first asked it to save and exit); says where."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,7 @@ class Setup:
   trainable_shardings: Any
   frozen_shardings: Any
   initial_checkpoint_path: str | None
+  nonfinite_frozen: tuple[str, ...] = ()  # frozen parameters with NaN/Inf (allowed on request)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,15 +131,59 @@ def _targets_vocabulary(task_name: str | None, module=None):
 
 
 def default_class_labels(task_name: str | None, module=None) -> list[str] | None:
-  """The task's class labels, from the task library's registry, if it has them."""
+  """The task's class labels, from the task library's registry, if it has them.
+
+  An unknown task is an error that suggests close names (not "no labels": the fix differs).
+  """
   if not task_name:
     return None
+  dataset_lib.get_mixture_or_task(task_name, module)
   try:
     import tasks as tasks_lib  # the project's task library
-    fn = getattr(tasks_lib, "class_labels", None)
-    return list(fn(task_name)) if fn is not None else None
-  except Exception:  # unknown task in the label registry: the caller reports what to set
+  except ImportError:
     return None
+  fn = getattr(tasks_lib, "class_labels", None)
+  try:
+    return list(fn(task_name)) if fn is not None else None
+  except KeyError:  # the registry has no labels for this task: the caller says what to set
+    return None
+
+
+@jax.jit
+def _nonfinite_counts(leaves) -> jax.Array:
+  return jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
+
+
+def _check_frozen_finite(frozen, *, source: str | None, dtype: str,
+                         allow: bool) -> tuple[str, ...]:
+  """Names the frozen parameters holding NaN or Inf; refuses them unless `allow`.
+
+  One jitted pass over the frozen tree at load: otherwise a damaged checkpoint shows up hours
+  later as a NaN loss, with learning-rate advice that cannot help.
+  """
+  import flax
+  flat = {k: v for k, v in flax.traverse_util.flatten_dict(frozen, sep="/").items()
+          if jnp.issubdtype(v.dtype, jnp.inexact)}
+  if not flat:
+    return ()
+  counts = partitioning.to_host(_nonfinite_counts(list(flat.values())))
+  bad = [(k, int(n), int(np.prod(v.shape))) for (k, v), n in zip(flat.items(), counts) if n]
+  if not bad:
+    return ()
+  listed = ", ".join(f"{k} ({n} of {size} values)" for k, n, size in bad[:10])
+  listed += f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+  what = f"The frozen checkpoint {source}" if source else "The randomly initialised model"
+  overflow = ("" if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16, jnp.float64) else
+              f" (or its values overflow FROZEN_PARAM_DTYPE={dtype!r})")
+  if allow:
+    log.warning("%s has NaN or Inf values in %s; going on as allow_nonfinite_frozen=True asks",
+                what, listed)
+    return tuple(k for k, _, _ in bad)
+  raise ValueError(
+      f"{what} has NaN or Inf values in {listed}: the checkpoint is damaged{overflow} (a "
+      "download or copy cut short, a disk error, or the run that wrote it diverged). Use a good "
+      "copy of it. Only if you know these values are never used, pass "
+      "--gin.trainer.train.allow_nonfinite_frozen=True (or trainer.evaluate / trainer.infer).")
 
 
 def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
@@ -138,13 +192,15 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
           prompt_init: PromptInit, random_seed: int, frozen_param_dtype: str = "float32",
           task_name: str | None = None, task_module=None, allow_random_init: bool = False,
           model_kwargs: Mapping[str, Any] | None = None,
-          model_runtime: Mapping[str, Any] | None = None) -> Setup:
+          model_runtime: Mapping[str, Any] | None = None,
+          allow_nonfinite_frozen: bool = False) -> Setup:
   """Loads the frozen model, adds and initialises the prompt, splits and places the parameters.
 
   The architecture comes from the checkpoint when it carries one, else from `model_config`. The
   runtime fields (`config.RUNTIME_FIELDS`: dtype, dropout, remat, matmul dtype, scanned layers)
   come from `model_runtime` (gin's MODEL_RUNTIME) where it names them, else from
-  `model_config`, else from the checkpoint.
+  `model_config`, else from the checkpoint. Frozen parameters with NaN or Inf are refused
+  (a damaged checkpoint) unless `allow_nonfinite_frozen`.
   """
   from prompt_tuning import pretrained
   config_lib.check_runtime(model_runtime)  # before loading what may be a large checkpoint
@@ -207,9 +263,11 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
   trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
   trainable = partitioning.place(trainable, trainable_sh)
   frozen = partitioning.place(frozen, frozen_sh)
+  nonfinite = _check_frozen_finite(frozen, source=initial_checkpoint_path,
+                                   dtype=frozen_param_dtype, allow=allow_nonfinite_frozen)
   model = EncoderDecoderModel(module, **dict(model_kwargs or {}))
   return Setup(module, model, partitioner, trainable, frozen, trainable_sh, frozen_sh,
-               initial_checkpoint_path)
+               initial_checkpoint_path, nonfinite)
 
 
 def _check_tree(params, boxed) -> None:
@@ -391,6 +449,218 @@ def _check_resumable(ckpt, step: int, trainable, *, config: T5Config,
         "--gin.MODEL_DIR to start a new run.")
 
 
+# ------------------------------------------------------------------------------------------------
+# The run's settings: compared on resume, remembered by eval and infer
+
+RUN_SETTINGS_FILE = "run_settings.json"
+# The macros prompt_tuning.eval and prompt_tuning.infer take from MODEL_DIR when not given.
+REMEMBERED_MACROS = ("MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "TASK_FEATURE_LENGTHS",
+                     "PROMPT_LENGTH", "PROMPT_COMBINE", "INITIAL_CHECKPOINT_PATH")
+# Model fields a resume may change: how the model is laid out in memory, not what it computes.
+_LAYOUT_FIELDS = ("remat_policy", "scan_layers")
+_UNSET = "(not set)"
+
+
+def _jsonable(value):
+  """`value` as it reads back from JSON (tuples become lists), so saved and new ones compare."""
+  return json.loads(json.dumps(value, default=repr))
+
+
+def _absolute(path):
+  """A local path as absolute (eval may run from another folder); URLs and others unchanged."""
+  if isinstance(path, str) and "://" not in path and os.path.exists(path):
+    return os.path.abspath(path)
+  return path
+
+
+def _qualname(fn) -> str:
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def describe_optimizer(optimizer) -> Any:
+  """What can be seen of an optimizer passed without a gin description (a library call)."""
+  if optimizer is None:
+    return {"@": _qualname(optimizers.prompt_tuning_optimizer)}
+  if isinstance(optimizer, functools.partial):
+    return {"@": _qualname(optimizer.func), "args": list(optimizer.args), **optimizer.keywords}
+  if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+    # An optax transformation hides its hyperparameters: only its kind can be compared.
+    return {"transformation": type(optimizer).__name__}
+  return {"@": _qualname(optimizer)}
+
+
+def run_settings(*, train_dataset: dataset_lib.DatasetConfig, prompt_config: PromptConfig | None,
+                 prompt_init: PromptInit, trainable_patterns: Sequence[str],
+                 initial_checkpoint_path: str | None, model_config: T5Config,
+                 frozen_param_dtype: str, num_microbatches: int, random_seed: int,
+                 model_kwargs: Mapping[str, Any] | None, optimizer,
+                 run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The record of what defines a training run.
+
+  - `training`: compared on resume (what changes the trained prompt). Not in it, as a resume may
+    change them: TRAIN_STEPS, the periods, KEEP_CHECKPOINTS, log_period, evaluation, decoding,
+    best-checkpoint settings, skip_nonfinite, partitioning and mesh, and the model's
+    memory layout (remat_policy, scan_layers).
+  - `remembered`: the REMEMBERED_MACROS values eval and infer use when not given.
+  - `file_tasks`: how the run's file tasks were registered (register_file_task's arguments), so
+    eval and infer can register them again.
+  - `gin_files`, `gin_config`: how the run was configured, for reference.
+
+  `run_config` comes from the gin edge (`gin_utils.run_config`): the optimizer as gin built it
+  (`optimizer`), file tasks, gin files and config text.
+  """
+  run_config = dict(run_config or {})
+  data = train_dataset
+  prompt = {}
+  if prompt_config is not None:
+    prompt = {"PROMPT_LENGTH": prompt_config.length, "PROMPT_COMBINE": prompt_config.combine,
+              "prompt_config.bank_size": prompt_config.bank_size,
+              "PROMPT_INIT": dataclasses.asdict(prompt_init)}
+  model = {k: v for k, v in model_config.to_dict().items() if k not in _LAYOUT_FIELDS}
+  training = {
+      "MIXTURE_OR_TASK_NAME": data.mixture_or_task_name,
+      "TASK_FEATURE_LENGTHS": dict(data.task_feature_lengths),
+      "BATCH_SIZE": data.batch_size, "train_dataset.split": data.split,
+      "train_dataset.shuffle": data.shuffle, "train_dataset.seed": data.seed,
+      **prompt,
+      "trainable_patterns": list(trainable_patterns),
+      "INITIAL_CHECKPOINT_PATH": initial_checkpoint_path,
+      "model": model, "model_kwargs": dict(model_kwargs or {}),
+      "FROZEN_PARAM_DTYPE": frozen_param_dtype, "NUM_MICROBATCHES": num_microbatches,
+      "RANDOM_SEED": random_seed,
+      "optimizer": run_config.get("optimizer") or describe_optimizer(optimizer),
+  }
+  remembered = {"MIXTURE_OR_TASK_NAME": data.mixture_or_task_name,
+                "MIXTURE_OR_TASK_MODULE": data.module,
+                "TASK_FEATURE_LENGTHS": dict(data.task_feature_lengths),
+                "INITIAL_CHECKPOINT_PATH": _absolute(initial_checkpoint_path)}
+  if prompt_config is not None:
+    remembered.update(PROMPT_LENGTH=prompt_config.length, PROMPT_COMBINE=prompt_config.combine)
+  task = dataset_lib.get_mixture_or_task(data.mixture_or_task_name, data.module)
+  names = {data.mixture_or_task_name} | {t.name for t in getattr(task, "tasks", [])}
+  file_tasks = {n: kw for n, kw in (run_config.get("file_tasks") or {}).items() if n in names}
+  return _jsonable({"remembered": remembered, "training": training, "file_tasks": file_tasks,
+                    "gin_files": list(run_config.get("gin_files") or []),
+                    "gin_config": run_config.get("gin_config")})
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def _short(value) -> str:
+  text = value if value is _UNSET else repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+  """'name: old there, new here' for each training setting that differs."""
+  old, new = _flatten(dict(saved)), _flatten(dict(now))
+  return [f"{k}: {_short(old.get(k, _UNSET))} there, {_short(new.get(k, _UNSET))} here"
+          for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+
+
+def _check_same_settings(meta: Mapping[str, Any], settings: Mapping[str, Any], *, model_dir,
+                         step: int, allow: bool, initial_checkpoint_path) -> None:
+  """A rerun in the same MODEL_DIR resumes it only with the settings it was trained with."""
+  saved = (meta.get("run_settings") or {}).get("training")
+  if saved is None:  # a checkpoint written before settings were recorded
+    log.info("Checkpoint %d records no run settings (older version): not compared", step)
+    if meta.get("initial_checkpoint_path") != initial_checkpoint_path:
+      log.warning("Resuming from a checkpoint trained on frozen model %r but "
+                  "INITIAL_CHECKPOINT_PATH is %r", meta.get("initial_checkpoint_path"),
+                  initial_checkpoint_path)
+    return
+  diffs = changed_settings(saved, settings["training"])
+  if not diffs:
+    return
+  listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+  if allow:
+    log.warning("Resuming checkpoint %d with changed settings (allow_changed_settings=True): %s",
+                step, listed)
+    return
+  raise ValueError(
+      f"MODEL_DIR {model_dir} holds checkpoint {step} of a run with other settings: {listed}. "
+      "Rerunning would silently continue that run under the new settings. To start a new run, "
+      "pass a new --gin.MODEL_DIR; to continue this one with the new settings on purpose, add "
+      "--gin.trainer.train.allow_changed_settings=True (they become the run's settings).")
+
+
+def read_run_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
+  """MODEL_DIR's recorded run settings and where they were read: run_settings.json, else the
+  latest checkpoint's metadata (runs of older versions: what it records). None if it has none."""
+  if not isinstance(model_dir, (str, os.PathLike)) or not str(model_dir):
+    return None
+  try:
+    root = prompt_io.local_path(model_dir)
+  except ValueError:  # a URL: evaluate() reports it
+    return None
+  path = root / RUN_SETTINGS_FILE
+  try:
+    if path.is_file():
+      return str(path), json.loads(path.read_text())
+    steps = _checkpoint_steps(str(root))
+    if not steps:
+      return None
+    ckpt = checkpoints_lib.Checkpointer(root, keep=None)
+    try:
+      meta = ckpt.read_metadata(steps[-1])
+    finally:
+      ckpt.close()
+  except (OSError, ValueError) as e:
+    log.warning("Could not read the run settings in %s (%s); give the settings as flags", root, e)
+    return None
+  source = str(ckpt.directory / str(steps[-1]) / "metadata")
+  if "run_settings" in meta:
+    return source, meta["run_settings"]
+  prompt = meta.get("prompt_config") or {}
+  old = {"MIXTURE_OR_TASK_NAME": meta.get("mixture_or_task_name"),
+         "INITIAL_CHECKPOINT_PATH": meta.get("initial_checkpoint_path"),
+         "PROMPT_LENGTH": prompt.get("length"), "PROMPT_COMBINE": prompt.get("combine")}
+  return source, {"remembered": old}
+
+
+def remembered_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
+  """(source, {macro: value}): what eval and infer take from MODEL_DIR where the user sets
+  nothing (`gin_utils.parse_args(remembered=...)`)."""
+  found = read_run_settings(model_dir)
+  if found is None:
+    return None
+  source, settings = found
+  values = {k: v for k, v in (settings.get("remembered") or {}).items()
+            if k in REMEMBERED_MACROS and v is not None}
+  return (source, values) if values else None
+
+
+def _register_saved_file_task(model_dir, task_name, module) -> None:
+  """Registers MODEL_DIR's file task `task_name` again, as the run did, if it is unknown here."""
+  if not model_dir or not isinstance(task_name, str):
+    return
+  import seqio
+  dataset_lib.import_modules(module)
+  if task_name in seqio.TaskRegistry.names() or task_name in seqio.MixtureRegistry.names():
+    return
+  found = read_run_settings(model_dir)
+  kwargs = ((found[1].get("file_tasks") or {}).get(task_name)) if found else None
+  if kwargs is None:
+    return  # not one of the run's file tasks: the usual unknown-task error follows
+  from prompt_tuning.data import file_tasks
+  try:
+    file_tasks.register_file_task(**kwargs)
+  except (ValueError, OSError) as e:
+    files = ", ".join(found[1].get("gin_files") or []) or "unknown"
+    raise ValueError(
+        f"The run in {model_dir} trained on the file task {task_name!r}, and registering it "
+        f"again as recorded in {found[0]} failed: {e} Pass the gin file that registers it "
+        f"(--gin_file=...; the run used: {files}).") from e
+  log.info("Registered the file task %r as the run in %s did", task_name, model_dir)
+
+
 class _BestCheckpoint:
   """Keeps the checkpoint with the best dev metric (the paper's early stopping) in MODEL_DIR/best.
 
@@ -437,26 +707,42 @@ class _BestCheckpoint:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks: save a checkpoint, then exit cleanly."""
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks: it saves the
+  current step, then exits cleanly.
+
+  A second Ctrl-C raises KeyboardInterrupt at once, even in the middle of that save: orbax
+  commits a checkpoint by renaming its complete temporary folder, so an aborted save leaves
+  either the whole checkpoint or only a temporary folder that the next run deletes.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some test runners)
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    self.signal_name = self.signal_name or signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      if previous is not None:  # None: a handler not set from Python, nothing to restore
+        signal.signal(sig, previous)
 
 
 def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_steps: int,
@@ -478,8 +764,16 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           eval_at_start: bool = False, best_metric: str | None = None,
           best_mode: str = "max",
           model_kwargs: Mapping[str, Any] | None = None,
-          model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics."""
+          model_runtime: Mapping[str, Any] | None = None,
+          allow_changed_settings: bool = False, allow_nonfinite_frozen: bool = False,
+          run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Prompt-tunes (or, with ALL_PATTERNS, model-tunes) and returns the final metrics.
+
+  A MODEL_DIR with a checkpoint is resumed if its run had the same settings (`run_settings`),
+  else refused, unless `allow_changed_settings`. SIGTERM and Ctrl-C save the current step and
+  return `{"preempted_at": step, "signal": ...}`. `run_config`: how gin configured the run, for
+  its record (see `run_settings`; the train command line passes it).
+  """
   check_required(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   check_positive(("KEEP_CHECKPOINTS", "EVAL_MAX_EXAMPLES"), TRAIN_STEPS=train_steps,
@@ -487,7 +781,8 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                  KEEP_CHECKPOINTS=keep_checkpoints, EVAL_MAX_EXAMPLES=eval_max_examples,
                  NUM_MICROBATCHES=num_microbatches, **{"trainer.train.log_period": log_period})
   checkpoints_lib.check_writable(model_dir)
-  dataset_lib.import_modules(train_dataset.module)
+  # An unknown task fails here, with close names, before a large checkpoint is loaded.
+  task = dataset_lib.get_mixture_or_task(train_dataset.mixture_or_task_name, train_dataset.module)
   setup = build(model_config=model_config, prompt_config=prompt_config,
                 initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                 trainable_patterns=trainable_patterns,
@@ -496,8 +791,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                 frozen_param_dtype=frozen_param_dtype,
                 task_name=train_dataset.mixture_or_task_name, task_module=train_dataset.module,
                 allow_random_init=allow_random_init, model_kwargs=model_kwargs,
-                model_runtime=model_runtime)
-  task = dataset_lib.get_mixture_or_task(train_dataset.mixture_or_task_name, train_dataset.module)
+                model_runtime=model_runtime, allow_nonfinite_frozen=allow_nonfinite_frozen)
   for t in getattr(task, "tasks", [task]):
     dataset_lib.check_vocabulary(t, setup.module.config.vocab_size)
   if train_dataset.batch_size % setup.partitioner.data_parallel_size:
@@ -511,6 +805,12 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   else:  # a factory, e.g. gin's @optimizers.prompt_tuning_optimizer
     tx = optimizer()
   learning_rate_fn = getattr(tx, "schedule", None)
+  settings = run_settings(
+      train_dataset=train_dataset, prompt_config=prompt_config, prompt_init=prompt_init,
+      trainable_patterns=trainable_patterns, initial_checkpoint_path=initial_checkpoint_path,
+      model_config=setup.module.config, frozen_param_dtype=frozen_param_dtype,
+      num_microbatches=num_microbatches, random_seed=random_seed, model_kwargs=model_kwargs,
+      optimizer=optimizer, run_config=run_config)
 
   part = setup.partitioner
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=keep_checkpoints, save_frozen=save_frozen,
@@ -525,6 +825,14 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
     try:
       _check_resumable(ckpt, latest, state.params, config=setup.module.config,
                        prompt_config=prompt_config)
+      try:
+        saved_meta = ckpt.read_metadata(latest)
+      except (OSError, ValueError):
+        saved_meta = None  # unreadable: the restore below reports the checkpoint as corrupted
+      if saved_meta is not None:
+        _check_same_settings(saved_meta, settings, model_dir=model_dir, step=latest,
+                             allow=allow_changed_settings,
+                             initial_checkpoint_path=initial_checkpoint_path)
       restored, meta, _ = ckpt.restore(latest, abstract)
     except ValueError:
       ckpt.close()  # stop orbax's threads before the error ends the run
@@ -532,10 +840,6 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
     state = train_lib.TrainState(step=restored["step"], params=restored["params"],
                                  opt_state=restored["opt_state"])
     start_position = int(meta.get("data_position", int(state.step)))
-    if meta.get("initial_checkpoint_path") != initial_checkpoint_path:
-      log.warning("Resuming from a checkpoint trained on frozen model %r but "
-                  "INITIAL_CHECKPOINT_PATH is %r", meta.get("initial_checkpoint_path"),
-                  initial_checkpoint_path)
     ckpt.ensure_numpy_export(latest, state.params)
     log.info("Resumed from %s at step %d", ckpt.directory / str(latest), int(state.step))
   else:
@@ -566,7 +870,10 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       "prompt_config": dataclasses.asdict(prompt_config) if prompt_config else None,
       "trainable_patterns": list(trainable_patterns), "trainable_shapes": _shapes(state.params),
       "mixture_or_task_name": train_dataset.mixture_or_task_name,
-      "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples}
+      "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples,
+      "run_settings": settings}
+  settings_path = pathlib.Path(model_dir) / RUN_SETTINGS_FILE
+  settings_written = []
 
   def save(step):
     # The data state first: a committed checkpoint then has one unless writing it failed, and
@@ -574,7 +881,19 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
     batches.save_state(data_states.path(step))
     ckpt.save(step, state, metadata(), frozen=setup.frozen if save_frozen else None)
     data_states.keep_only(ckpt.all_steps())
+    if not settings_written and jax.process_index() == 0:
+      write_json(settings_path, settings)  # what eval and infer read (also in each checkpoint)
+      settings_written.append(step)
     log.info("Saved checkpoint %d to %s", step, ckpt.directory)
+
+  def save_or_abort(step):
+    try:
+      save(step)
+    except KeyboardInterrupt:
+      raise Interrupted(
+          f"Ctrl-C during the save of checkpoint {step}: stopped. orbax commits a checkpoint "
+          f"only when it is complete, so {ckpt.directory} holds all of checkpoint {step} or none "
+          "of it; rerun the same command to resume from the latest complete one.") from None
 
   step = int(state.step)
   last_saved = latest
@@ -610,15 +929,11 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       state, metrics = step_fn(state, setup.frozen, batch, rng)
       step += 1
       window_steps += 1
+      # `finite` covers the loss, the gradients, the new parameters and their norms.
       if not bool(partitioning.to_host(metrics["finite"])):
         if not skip_nonfinite:
           ckpt.close()
-          raise NonFiniteLossError(
-              f"Non-finite loss or gradient at step {step} "
-              f"(loss={float(partitioning.to_host(metrics['loss']))}). "
-              f"Nothing was saved after step {last_saved}; the last good checkpoint is kept. "
-              "Lower the learning rate, check the data, or set skip_nonfinite=True "
-              "(--gin.train.skip_nonfinite=True) to skip such batches.")
+          raise NonFiniteLossError(_nonfinite_message(metrics, step, last_saved, setup))
         log.warning("Skipped a non-finite batch at step %d", step)
       if step % log_period == 0 or step == train_steps:
         m = {k: float(partitioning.to_host(v)) for k, v in metrics.items()}
@@ -633,14 +948,21 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
                  train_steps, m["loss"], m["accuracy"], rate, _fmt_seconds(eta),
                  batches.truncated_examples)
         writer.write(step, m)
-      if preemption.requested:
-        log.warning("SIGTERM: saving step %d before exiting", step)
-        save(step)
-        ckpt.close()
-        return {"preempted_at": step}
       if step % checkpoint_period == 0 or step == train_steps:
-        save(step)
+        save_or_abort(step)
         last_saved = step
+      if preemption.requested:  # checked after the periodic save: never saves a step twice
+        if last_saved != step:
+          log.warning("%s: saving step %d before exiting%s", preemption.signal_name, step,
+                      " (Ctrl-C again aborts the save)" if preemption.signal_name == "SIGINT"
+                      else "")
+          save_or_abort(step)
+        ckpt.close()
+        if best is not None:
+          best.checkpointer.close()
+        log.warning("%s: saved step %d in %s; rerun the same command to resume",
+                    preemption.signal_name, step, ckpt.directory)
+        return {"preempted_at": step, "signal": preemption.signal_name}
       if eval_dataset is not None and (step % eval_period == 0 or step == train_steps):
         final_eval = run_eval(step)
   if batches.truncated_examples:
@@ -653,6 +975,24 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           "seconds": time.time() - t_start,
           "trainable_params": n_trainable, "frozen_params": n_frozen,
           "truncated_examples": batches.truncated_examples}
+
+
+def _nonfinite_message(metrics, step: int, last_saved: int | None, setup: Setup) -> str:
+  values = {k: float(partitioning.to_host(metrics[k])) for k in ("loss", "grad_norm",
+                                                                   "param_norm")}
+  shown = ", ".join(f"{k}={v}" for k, v in values.items())
+  if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]):
+    what = (f"The trainable parameters became non-finite or too large at step {step} ({shown}): "
+            "the learning rate is likely too high.")
+  else:
+    what = f"Non-finite loss or gradient at step {step} ({shown})."
+  if setup.nonfinite_frozen:
+    what += (" The frozen model has NaN or Inf values (allowed by allow_nonfinite_frozen=True) in "
+             f"{', '.join(setup.nonfinite_frozen[:5])}: the likely cause.")
+  kept = (f"Nothing was saved after step {last_saved}; the last good checkpoint is kept."
+          if last_saved is not None else "No checkpoint was saved.")
+  return (f"{what} {kept} Lower the learning rate, check the data, or set skip_nonfinite=True "
+          "(--gin.trainer.train.skip_nonfinite=True) to skip such steps.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,13 +1065,14 @@ def _steps_to_evaluate(model_dir: str | None, checkpoint_step, prompt_init: Prom
 
 def _build_for_eval(dataset: dataset_lib.DatasetConfig, *, model_config, prompt_config,
                     initial_checkpoint_path, prompt_init, trainable_patterns, partition,
-                    random_seed, model_runtime=None) -> Setup:
+                    random_seed, model_runtime=None, allow_nonfinite_frozen=False) -> Setup:
   return build(model_config=model_config, prompt_config=prompt_config,
                initial_checkpoint_path=initial_checkpoint_path, partition=partition,
                trainable_patterns=trainable_patterns,
                task_feature_lengths=dataset.task_feature_lengths, prompt_init=prompt_init,
                random_seed=random_seed, task_name=dataset.mixture_or_task_name,
-               task_module=dataset.module, model_runtime=model_runtime)
+               task_module=dataset.module, model_runtime=model_runtime,
+               allow_nonfinite_frozen=allow_nonfinite_frozen)
 
 
 def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None = None,
@@ -744,13 +1085,15 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
              decoding_config: decoding_lib.DecodingConfig | None = None,
              max_examples: int | None = None, random_seed: int = 42,
              output_path: str | None = None,
-             model_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             model_runtime: Mapping[str, Any] | None = None,
+             allow_nonfinite_frozen: bool = False) -> dict[str, Any]:
   """Evaluates a prompt: MODEL_DIR's checkpoint (latest, a step, or 'all'), else PROMPT_FILE.
 
   Writes `eval_results_<decoding>.json` (MODEL_DIR, or OUTPUT_PATH) with the scalar metrics and
   the text samples, and every metric value to TensorBoard under `eval_<decoding>/<task>/`
   beside it. With CHECKPOINT_STEP='all', every saved step is evaluated, oldest first, one row
-  per step in `eval_all_checkpoints_<decoding>.jsonl` (written after each step).
+  per step in `eval_all_checkpoints_<decoding>.jsonl` (written after each step). A file task
+  the run in MODEL_DIR trained on is registered again from its run settings.
   """
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
@@ -759,11 +1102,12 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
     prompt_io.local_path(output_path, "OUTPUT_PATH")  # before any loading
   config_lib.check_runtime(model_runtime)
   steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
+  _register_saved_file_task(model_dir, eval_dataset.mixture_or_task_name, eval_dataset.module)
   setup = _build_for_eval(
       eval_dataset, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
       trainable_patterns=trainable_patterns, partition=partition, random_seed=random_seed,
-      model_runtime=model_runtime)
+      model_runtime=model_runtime, allow_nonfinite_frozen=allow_nonfinite_frozen)
   evaluation = evaluation_lib.Evaluation(setup, eval_dataset, decoding_config=decoding_config,
                                          max_examples=max_examples, random_seed=random_seed)
   mode = evaluation.decoding_method
@@ -809,7 +1153,8 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           decoding_config: decoding_lib.DecodingConfig | None = None,
           max_examples: int | None = None, random_seed: int = 42,
           mode: str = "predict", num_return_sequences: int | None = None,
-          model_runtime: Mapping[str, Any] | None = None) -> list[pathlib.Path]:
+          model_runtime: Mapping[str, Any] | None = None,
+          allow_nonfinite_frozen: bool = False) -> list[pathlib.Path]:
   """Writes one JSONL per task of `dataset`, as T5X's infer.py modes do.
 
   - `predict`: {inputs, prediction, score, target} per example (`<task>-<step>.jsonl`; score:
@@ -831,11 +1176,12 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   config_lib.check_runtime(model_runtime)
   steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
+  _register_saved_file_task(model_dir, dataset.mixture_or_task_name, dataset.module)
   setup = _build_for_eval(
       dataset, model_config=model_config, prompt_config=prompt_config,
       initial_checkpoint_path=initial_checkpoint_path, prompt_init=prompt_init,
       trainable_patterns=trainable_patterns, partition=partition, random_seed=random_seed,
-      model_runtime=model_runtime)
+      model_runtime=model_runtime, allow_nonfinite_frozen=allow_nonfinite_frozen)
   trainable, step = setup.trainable, "init"
   if steps is not None:
     trainable, _ = _restore_trainable(setup, model_dir, steps[-1])
@@ -885,4 +1231,5 @@ def configure_logging() -> None:
 
 
 __all__ = ["PromptInit", "PartitionConfig", "train", "evaluate", "infer",
-           "build", "NonFiniteLossError"]
+           "build", "NonFiniteLossError", "Interrupted", "run_settings", "read_run_settings",
+           "remembered_settings"]
