@@ -1,6 +1,8 @@
 """Entry point: `python -m prompt_tuning.eval --gin_file=runs/prompt_eval.gin ...`.
 
-Evaluates MODEL_DIR's latest checkpoint or a prompt file; prints the metrics as JSON.
+Evaluates MODEL_DIR's latest checkpoint or a prompt file; prints the metrics as JSON. The task,
+TASK_FEATURE_LENGTHS, PROMPT_LENGTH, PROMPT_COMBINE and INITIAL_CHECKPOINT_PATH default to those
+of the run in MODEL_DIR.
 """
 import json
 import sys
@@ -15,7 +17,10 @@ def main(argv=None) -> dict:
   trainer.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
   evaluate = gin.configurable(trainer.evaluate, module="prompt_tuning.trainer")
-  gin_utils.parse_args(argv, "Evaluate a prompt on a SeqIO task or mixture.")
+  # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
+  remembered = lambda: trainer.remembered_settings(
+      gin_utils.bound_value("prompt_tuning.trainer.evaluate", "model_dir"))
+  gin_utils.parse_args(argv, "Evaluate a prompt on a SeqIO task or mixture.", remembered=remembered)
   result = gin_utils.call_configured(evaluate)
   print(json.dumps(result, default=float))
   return result

@@ -4,16 +4,24 @@
 Errors in gin files or bindings are re-raised naming the file or binding and the fix. A binding
 of a macro that no loaded gin file uses or defines (a typo such as `--gin.TASK_FEATURE_LENGHTS`)
 is an error too: gin itself accepts it silently and the run goes on with the default.
+
+Remembered settings (eval, infer): after parsing, `parse_args(remembered=...)` binds the
+settings a training run recorded in MODEL_DIR (task, lengths, prompt, frozen model) to the
+macros the user did not set. Precedence, low to high: the project's gin files (gin/: run files,
+models/, prompts/, ...), then MODEL_DIR's settings, then the user's own gin files (outside gin/)
+and `--gin.X` / `--gin_bindings` flags.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
+import json
 import logging
 import os
 import pathlib
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 from gin import config_parser
@@ -97,27 +105,63 @@ class _QuietIncludeMisses(logging.Filter):
     return not record.getMessage().startswith("Path not found")
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths=()) -> None:
+@dataclasses.dataclass
+class Parsed:
+  """What `parse` loaded: the gin files (resolved paths) and the macros the user set."""
+
+  gin_files: list[str]
+  user_macros: set[str]  # set by a binding or by a gin file outside the project's gin/ folder
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths=()) -> Parsed:
   """Loads gin files then bindings (later wins), with errors that name what failed; refuses a
   binding of a macro that nothing loaded uses or defines."""
   quiet = _QuietIncludeMisses()
   logging.getLogger().addFilter(quiet)
   try:
-    _parse(gin_files, bindings, extra_search_paths)
+    return _parse(gin_files, bindings, extra_search_paths)
   finally:
     logging.getLogger().removeFilter(quiet)
 
 
-def _parse(gin_files, bindings, extra_search_paths) -> None:
+def _in_project(path: str) -> bool:
+  return pathlib.Path(path).resolve().is_relative_to(project_gin_dir().resolve())
+
+
+def _own_file_macros(path: str, paths: Sequence[str], seen: set[str]) -> set[str]:
+  """The macros a user's gin file (outside gin/) defines, with its includes outside gin/."""
+  if path in seen or _in_project(path):
+    return set()
+  seen.add(path)
+  try:
+    statements = _statements(pathlib.Path(path).read_text())
+  except Exception:  # pylint: disable=broad-except  (gin reported any real error already)
+    return set()
+  macros = {s.selector for s in statements
+            if isinstance(s, config_parser.BindingStatement) and not s.arg_name and not s.scope}
+  for s in statements:
+    if isinstance(s, config_parser.IncludeStatement):
+      try:
+        included = resolve_gin_file(s.filename, [str(pathlib.Path(path).parent), *paths])
+      except FileNotFoundError:
+        continue
+      macros |= _own_file_macros(included, paths, seen)
+  return macros
+
+
+def _parse(gin_files, bindings, extra_search_paths) -> Parsed:
   paths = search_paths(extra_search_paths)
   for p in paths:
     gin.add_config_file_search_path(p)
+  resolved, user_macros, seen = [], set(), set()
   for f in gin_files:
     path = resolve_gin_file(f, paths)
     try:
       gin.parse_config_file(path)
     except Exception as e:  # gin raises many types; the message is what the user needs
       raise ValueError(f"Error in gin file {path}: {e}") from e
+    resolved.append(str(pathlib.Path(path).resolve()))
+    user_macros |= _own_file_macros(path, paths, seen)
   known = _macros()[0] if bindings else set()  # what the files define
   bound = []  # (macro, binding): each unscoped macro a binding sets
   for b in bindings:
@@ -135,6 +179,7 @@ def _parse(gin_files, bindings, extra_search_paths) -> None:
     bound += own
   if bound:  # references count from the files and the bindings alike
     _check_macros_used(bound, known | _macros()[1], gin_files)
+  return Parsed(resolved, user_macros | {name for name, _ in bound})
 
 class _Names(config_parser.ParserDelegate):
   """Parses gin text for its statements only, collecting the macros it references."""
@@ -205,8 +250,111 @@ def _check_macros_used(bound, known: set[str], gin_files) -> None:
         f"nothing: {advice}.")
 
 
-def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
-  """Parses the entry-point flags and applies them (gin, TFDS dir, multi-host runtime)."""
+# ------------------------------------------------------------------------------------------------
+# Settings remembered from MODEL_DIR, and the record a training run keeps
+
+def apply_remembered(found: tuple[str, Mapping[str, Any]] | None, user_macros: set[str]) -> dict:
+  """Binds `found = (source, {macro: value})` to the macros the user did not set and the
+  loaded gin files use; logs them. Returns what was bound."""
+  if not found:
+    return {}
+  source, values = found
+  defined, referenced = _macros()
+  applied = {}
+  for name, value in values.items():
+    if name in user_macros or name not in defined | referenced:
+      continue
+    gin.parse_config(f"{name} = {value!r}")
+    applied[name] = value
+  if applied:
+    logging.getLogger("prompt_tuning").info(
+        "Settings of the run in MODEL_DIR (from %s; flags and your own gin files win): %s",
+        source, ", ".join(f"{k}={v!r}" for k, v in applied.items()))
+  return applied
+
+
+def bound_value(selector: str, param: str) -> Any:
+  """The value gin binds to `selector.param` with macros resolved (None where unbound or a
+  configurable reference: nothing is called)."""
+  try:
+    value = gin.get_bindings(selector, resolve_references=False).get(param)
+  except (ValueError, KeyError):
+    return None
+  for _ in range(10):  # a macro may name another macro
+    if not _is_macro(value):
+      break
+    value = gin.query_parameter(f"{value.scoped_selector}.value")
+  return None if isinstance(value, gin.config.ConfigurableReference) else value
+
+
+def _is_macro(value) -> bool:
+  return (isinstance(value, gin.config.ConfigurableReference)
+          and value.configurable.selector == "gin.macro")
+
+
+def _describe(value, depth: int = 0) -> Any:
+  """A gin value as JSON: macros resolved, a configurable reference as {"@": name, its bound
+  parameters...} (recursively; nothing is called)."""
+  if _is_macro(value):
+    return _describe(gin.query_parameter(f"{value.scoped_selector}.value"), depth)
+  if isinstance(value, gin.config.ConfigurableReference):
+    scope = "/".join(value.scopes)
+    out = {"@": (f"{scope}/" if scope else "") + value.configurable.selector
+           + ("()" if value.evaluate else "")}
+    if depth < 6:
+      bindings = gin.get_bindings(value.scoped_selector, resolve_references=False)
+      out.update({k: _describe(v, depth + 1) for k, v in sorted(bindings.items())})
+    return out
+  if isinstance(value, Mapping):
+    return {str(k): _describe(v, depth) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_describe(v, depth) for v in value]
+  try:
+    json.dumps(value)
+    return value
+  except (TypeError, ValueError):
+    return repr(value)
+
+
+def _file_tasks() -> dict[str, dict[str, Any]]:
+  """Every file task the config registers (register_file_task's bound arguments), by name."""
+  selectors = {f"{s.scope}/{s.selector}" if s.scope else s.selector
+               for s in _statements(gin.config_str())
+               if isinstance(s, config_parser.BindingStatement) and s.arg_name
+               and s.selector.split(".")[-1] == "register_file_task"}
+  found = {}
+  for selector in sorted(selectors):
+    try:
+      kwargs = _describe(gin.get_bindings(selector, resolve_references=False))
+    except Exception:  # pylint: disable=broad-except  (only a record; the run reports errors)
+      continue
+    if isinstance(kwargs.get("name"), str):
+      found[kwargs["name"]] = kwargs
+  return found
+
+
+def run_config(parsed: Parsed, entry: str = "prompt_tuning.trainer.train") -> dict[str, Any]:
+  """How gin configured a training run, for its record (`trainer.train(run_config=...)`): the gin
+  files, the config text, the optimizer as gin builds it (compared on resume: its bound
+  parameters, macros resolved, whatever macros or files set them) and the file tasks."""
+  try:
+    optimizer = gin.get_bindings(entry, resolve_references=False).get("optimizer")
+  except (ValueError, KeyError):
+    optimizer = None
+  return {"gin_files": list(parsed.gin_files), "gin_config": gin.config_str(),
+          "optimizer": None if optimizer is None else _describe(optimizer),
+          "file_tasks": _file_tasks()}
+
+
+def parse_args(argv: Sequence[str], description: str, *,
+               remembered: Callable[[], tuple[str, Mapping[str, Any]] | None] | None = None
+               ) -> argparse.Namespace:
+  """Parses the entry-point flags and applies them (gin, TFDS dir, multi-host runtime).
+
+  `remembered()`, called once the flags are parsed, returns (source, {macro: value}) to bind
+  where the user set nothing (eval and infer: MODEL_DIR's run settings). `args.parsed` is what
+  `parse` loaded.
+  """
   rest, dot_bindings = split_gin_dot_flags(argv)
   parser = argparse.ArgumentParser(description=description)
   add_flags(parser)
@@ -219,7 +367,10 @@ def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
   if args.coordinator_address or args.process_count:
     import jax
     jax.distributed.initialize(args.coordinator_address, args.process_count, args.process_index)
-  parse(args.gin_file, list(args.gin_bindings) + dot_bindings, args.gin_search_paths)
+  args.parsed = parse(args.gin_file, list(args.gin_bindings) + dot_bindings,
+                      args.gin_search_paths)
+  if remembered is not None:
+    apply_remembered(remembered(), args.parsed.user_macros)
   return args
 
 
@@ -236,15 +387,33 @@ def call_configured(fn):
     raise
 
 
+INTERRUPTED_STATUS = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def run_main(main) -> None:
-  """Runs an entry point; user errors print one clear line instead of a traceback."""
+  """Runs an entry point; user errors print one clear line instead of a traceback, and so does
+  Ctrl-C (exit status 130; training saves its step first, see `trainer.train`)."""
   import sys
   from prompt_tuning.trainer import NonFiniteLossError  # the entry points import it anyway
   try:
-    main()
+    result = main()
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     if os.environ.get("PROMPT_TUNING_TRACEBACK"):
       raise
-    print(f"error: {e}", file=sys.stderr)
+    # gin appends "In call to configurable 'train' (<function ...>)": not the user's business.
+    text = "\n".join(line for line in str(e).splitlines()
+                     if not line.strip().startswith("In call to configurable"))
+    print(f"error: {text}", file=sys.stderr)
     print("(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as e:
+    if os.environ.get("PROMPT_TUNING_TRACEBACK"):
+      raise
+    print(f"interrupted: {str(e) or 'stopped by Ctrl-C'}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # Not sys.exit: it would wait for orbax's worker threads, which may be in the middle of
+    # the very save the user just aborted.
+    os._exit(INTERRUPTED_STATUS)  # pylint: disable=protected-access
+  if isinstance(result, dict) and result.get("signal") == "SIGINT":
+    sys.exit(INTERRUPTED_STATUS)  # saved, but the run did not finish

@@ -1,6 +1,7 @@
 """Entry point: `python -m prompt_tuning.infer --gin_file=runs/prompt_infer.gin ...`.
 
-Writes one JSONL of {inputs, prediction, target} per task to INFER_OUTPUT_DIR.
+Writes one JSONL of {inputs, prediction, target} per task to INFER_OUTPUT_DIR. Settings not given
+(task, lengths, prompt, frozen model) default to those of the run in MODEL_DIR.
 """
 import sys
 
@@ -14,7 +15,11 @@ def main(argv=None):
   trainer.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
   infer = gin.configurable(trainer.infer, module="prompt_tuning.trainer")
-  gin_utils.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.")
+  # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
+  remembered = lambda: trainer.remembered_settings(
+      gin_utils.bound_value("prompt_tuning.trainer.infer", "model_dir"))
+  gin_utils.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.",
+                       remembered=remembered)
   paths = gin_utils.call_configured(infer)
   for p in paths:
     print(p)

@@ -1,6 +1,8 @@
 """Entry point: `python -m prompt_tuning.train --gin_file=... --gin.MODEL_DIR="'...'"`.
 
-T5X-style flags (see gin_utils); the run's configuration is gin-bound `trainer.train`.
+T5X-style flags (see gin_utils); the run's configuration is gin-bound `trainer.train`. Rerunning
+the same command resumes MODEL_DIR's run; SIGTERM and Ctrl-C save the current step first
+(Ctrl-C then exits with status 130).
 """
 import json
 import sys
@@ -15,8 +17,9 @@ def main(argv=None) -> dict:
   trainer.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
   train = gin.configurable(trainer.train, module="prompt_tuning.trainer")
-  gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
-  result = gin_utils.call_configured(train)
+  args = gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
+  run_config = gin_utils.run_config(args.parsed)  # recorded with the run's settings
+  result = gin_utils.call_configured(lambda: train(run_config=run_config))
   print(json.dumps({k: v for k, v in result.items() if k not in ("eval", "initial_eval")},
                    default=float))
   return result
