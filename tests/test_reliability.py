@@ -233,17 +233,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   checkpoint, bad_steps = poisoned
   assert 3 < bad_steps[0] <= STEPS
   model_dir = tmp_path / "run"
+  # A NaN in a frozen weight is refused at load (a damaged checkpoint) unless allowed.
+  allow = "--gin.trainer.train.allow_nonfinite_frozen=True"
   with pytest.raises(SystemExit):  # through the entry point: one line, no traceback
-    gin_utils.run_main(lambda: _train(model_dir, checkpoint))
+    gin_utils.run_main(lambda: _train(model_dir, checkpoint, allow))
   err = capsys.readouterr().err
   assert f"error: Non-finite loss or gradient at step {bad_steps[0]}" in err
   assert "last good checkpoint is kept" in err and "skip_nonfinite=True" in err
+  assert "The frozen model has NaN or Inf values" in err and "token_embedder/embedding" in err
   assert _committed(model_dir) == [3]
   exports = sorted((model_dir / "numpy_checkpoints").iterdir())
   assert [p.name for p in exports] == ["checkpoint_3"]
   assert np.isfinite(_final_prompt(model_dir, 3)).all()
 
-  _train(model_dir, checkpoint, "--gin.trainer.train.skip_nonfinite=True",
+  _train(model_dir, checkpoint, allow, "--gin.trainer.train.skip_nonfinite=True",
          "--gin.CHECKPOINT_PERIOD=1", steps=SKIP_STEPS)
   rows = [json.loads(l) for l in (model_dir / "metrics_train.jsonl").read_text().splitlines()]
   resumed = {r["step"]: r for r in rows[-(SKIP_STEPS - 3):]}
