@@ -224,15 +224,20 @@ def text_examples(targets, predictions, task_name: str, num_examples: int = 8,
                   ) -> Dict[str, seqio.metrics.Text]:
   """A sample of predictions, and of wrong ones, as text summaries (e.g. for TensorBoard).
 
-  "Wrong" compares the postprocessed prediction with the target, so for tasks whose target
-  is a list (SQuAD) every example counts as wrong.
+  `num_examples=-1` shows every example (as in the original). "Wrong" compares the
+  postprocessed prediction with the target, so for tasks whose target is a list (SQuAD) every
+  example counts as wrong.
   """
   _check_lengths(targets, predictions)
+  if not isinstance(num_examples, int) or num_examples < -1:
+    raise ValueError(f"num_examples must be a count >= 0, or -1 for all, got {num_examples!r}")
   rng = random.Random(seed)
 
   def sample(items):
     items = list(items)
-    return items if len(items) <= num_examples else rng.sample(items, num_examples)
+    if num_examples == -1 or len(items) <= num_examples:
+      return items
+    return rng.sample(items, num_examples)
 
   wrong = [p for p, t in zip(predictions, targets) if p[pp.PREDICTION] != t]
   return {

@@ -99,6 +99,19 @@ def test_metrics_with_examples_unwrap_predictions():
   assert "prediction: b" in texts["toy wrong samples"].textdata
 
 
+def test_text_examples_minus_one_shows_every_example():
+  """`num_examples=-1` means all examples (the original's convention), not a sample of -1."""
+  wrapped = [pp.postprocess_with_examples(pp.identity, p, example={}) for p in "abcdefghij"]
+  texts = metrics.text_examples(list("abcdefghiz"), wrapped, task_name="toy", num_examples=-1)
+  samples = texts["toy samples"].textdata
+  assert [f"prediction: {p}" in samples for p in "abcdefghij"] == [True] * 10
+  assert texts["toy wrong samples"].textdata.count("prediction:") == 1
+  assert metrics.text_examples(list("abcdefghij"), wrapped, task_name="toy",
+                               num_examples=3)["toy samples"].textdata.count("prediction:") == 3
+  with pytest.raises(ValueError, match="-1 for all"):
+    metrics.text_examples(["a"], wrapped[:1], task_name="toy", num_examples=-2)
+
+
 def test_metric_signatures_are_accepted_by_seqio():
   """seqio sorts metric functions by their positional arguments; all must be predict metrics."""
   import functools
