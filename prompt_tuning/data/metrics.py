@@ -1,7 +1,8 @@
 """Metric functions in seqio's `(targets, predictions) -> {name: value}` form, numpy/scipy only.
 
-Values and names follow T5's metrics (percentages, e.g. `{"accuracy": 95.1}`), so numbers
-compare directly with T5/T5X runs and the paper: accuracy, binary F1 with invalid predictions
+Values and names follow T5's metrics (percentages, e.g. `{"accuracy": 95.1}`; the trainer's
+token accuracy is a fraction, see docs/metrics.md), so numbers compare directly with T5/T5X runs
+and the paper: accuracy, binary F1 with invalid predictions
 counted wrong, Matthews correlation, Pearson/Spearman, CB's macro F1, SQuAD EM/F1 (max over gold
 answers after SQuAD normalisation), MultiRC F1a/EM and ReCoRD EM/F1.
 

@@ -124,3 +124,22 @@ def test_metric_signatures_are_accepted_by_seqio():
                   if p.default is inspect.Parameter.empty
                   and p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
     assert positional == ["targets", "predictions"], fn
+
+
+def test_task_metrics_are_percentages():
+  """docs/metrics.md: every task metric is 0-100 (T5's scale), the bundled demo's too; a perfect
+  prediction scores 100, not 1."""
+  import tasks.demo
+  labels = [0, 1, 1, 0]
+  perfect = {
+      "accuracy": (labels, labels), "sequence_accuracy": (["a", "b"], ["a", "b"]),
+      "f1": (labels, labels), "mcc": (labels, labels),
+      "pearson": ([0.1, 0.5, 0.9], [0.1, 0.5, 0.9]), "spearman": ([1, 2, 3], [1, 2, 3]),
+      "squad": ([["x"], ["b c"]], ["x", "b c"]),
+  }
+  assert set(perfect) == set(metrics.METRICS_BY_NAME)
+  for name, (targets, predictions) in perfect.items():
+    values = metrics.METRICS_BY_NAME[name](targets, predictions)
+    assert all(v == pytest.approx(100.0) for v in values.values()), (name, values)
+  assert metrics.mean_multiclass_f1(3)([0, 1, 2], [0, 1, 2]) == {"mean_3class_f1": 100.0}
+  assert tasks.demo.exact_match(["x", "y"], ["x", "z"]) == {"exact_match": 50.0}
