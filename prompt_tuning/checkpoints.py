@@ -165,8 +165,9 @@ class Checkpointer:
     if out.exists():
       # A re-export of the same step (e.g. a rerun after a crash): keep the old one, as the
       # original did, under a name `checkpoint_*` globs do not pick up.
-      backup = _unused(out.with_name(
-          f"backup_{out.name}_{time.strftime('%Y%m%dT%H%M%S')}_{time.time_ns() % 10**9:09d}"))
+      now = time.time_ns()
+      stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}_{now % 10**9:09d}"
+      backup = _unused(out.with_name(f"backup_{out.name}_{stamp}"))
       logging.warning("%s exists already: moving it to %s", out, backup)
       os.replace(out, backup)
     os.replace(tmp, out)
