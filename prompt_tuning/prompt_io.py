@@ -11,7 +11,9 @@ Formats (see DESIGN.md, "Prompt export for other frameworks"):
   implementation's periodic exports); recognised by the `\\x93NUMPY` magic, not the name.
 - A PEFT prompt-tuning adapter folder: `adapter_config.json` + `adapter_model.safetensors` (or
   `adapter_model.bin`) holding `prompt_embeddings` [P * num_transformer_submodules, D]; the
-  encoder prompt is rows `[:num_virtual_tokens]`.
+  encoder prompt is rows `[:num_virtual_tokens]`. PEFT's seq2seq default (2 submodules) also
+  stores a decoder-side block of P rows, which PEFT's prompt tuning has not used since
+  huggingface/peft#519 (2023): it is left out, with a warning that says so.
 - An `adapter_model.safetensors`/`.bin` file on its own (its sibling `adapter_config.json`, if
   any, gives P), or any `.safetensors` file with one tensor.
 - A T5X legacy msgpack checkpoint (`extract_prompt_from_t5x`).
@@ -19,6 +21,7 @@ Formats (see DESIGN.md, "Prompt export for other frameworks"):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -186,7 +189,7 @@ def _from_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
   if token_dim is not None and embeddings.ndim == 2 and embeddings.shape[1] != token_dim:
     raise PromptFileError(f"{path}: {PEFT_TENSOR} has width {embeddings.shape[1]} but the "
                           f"adapter config says token_dim {token_dim}")
-  return _peft_rows(embeddings, config["num_virtual_tokens"], path)
+  return _peft_rows(embeddings, config, path)
 
 
 def _read_peft_config(config_path: pathlib.Path) -> dict:
@@ -208,15 +211,37 @@ def _read_peft_config(config_path: pathlib.Path) -> dict:
   return config
 
 
-def _peft_rows(embeddings: np.ndarray, num_virtual_tokens: int, source) -> np.ndarray:
-  """The encoder prompt: PEFT stores one block of P rows per transformer submodule."""
+def _peft_rows(embeddings: np.ndarray, config: dict, source) -> np.ndarray:
+  """The encoder prompt: PEFT stores one block of P rows per transformer submodule.
+
+  With 2 submodules (PEFT's seq2seq default) the second block is the decoder side. PEFT's prompt
+  tuning feeds only the first block to the model (forward and generate, since
+  huggingface/peft#519), so the first block alone reproduces PEFT; the second is never dropped
+  silently. Adapters trained before that change (PEFT 0.3) prepended it to the decoder input,
+  which this model, like the paper's, does not have.
+  """
   if embeddings.ndim != 2:
     return embeddings  # as_prompt names the rank
+  length = config["num_virtual_tokens"]
   rows = embeddings.shape[0]
-  if rows < num_virtual_tokens or rows % num_virtual_tokens:
-    raise PromptFileError(f"{source}: {PEFT_TENSOR} has {rows} rows, expected a multiple of "
-                          f"num_virtual_tokens={num_virtual_tokens}")
-  return embeddings[:num_virtual_tokens]
+  blocks = config.get("num_transformer_submodules")
+  if blocks is None:  # older configs: infer from the tensor
+    blocks = rows // length if rows % length == 0 else None
+  if blocks not in (1, 2) or isinstance(blocks, bool) or rows != blocks * length:
+    raise PromptFileError(
+        f"{source}: {PEFT_TENSOR} has {rows} rows, expected num_virtual_tokens={length} times "
+        f"num_transformer_submodules={config.get('num_transformer_submodules')} (1: encoder "
+        "prompt only; 2: encoder then decoder block, PEFT's seq2seq default)")
+  if blocks == 2:
+    logging.warning(
+        "%s: a PEFT adapter with num_transformer_submodules=2: using rows 0-%d (the encoder "
+        "prompt) and leaving out rows %d-%d (the decoder-side block). PEFT's prompt tuning "
+        "never feeds that block to the model (since huggingface/peft#519, 2023), so this prompt "
+        "gives PEFT's outputs. An adapter trained with PEFT 0.3 or earlier had the block "
+        "prepended to the decoder input, which this model has no place for: retrain it with "
+        "PromptTuningConfig(num_transformer_submodules=1).", source, length - 1, length,
+        rows - 1)
+  return embeddings[:length]
 
 
 def _pick_tensor(tensors: dict[str, np.ndarray], source) -> np.ndarray:
