@@ -21,6 +21,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from prompt_tuning.data import vocabularies
+
 _TRUNCATED = "inputs_truncated"
 
 
@@ -79,6 +81,34 @@ def get_mixture_or_task(name: str, module=None) -> seqio.Task | seqio.Mixture:
 
 def host_shard() -> seqio.ShardInfo:
   return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+
+
+def prepare_vocabularies(mixture_or_task_name: str | None, module=None, *,
+                         initial_checkpoint_path: str | None = None) -> None:
+  """Settles which vocabulary files the run's tasks use and reads them now.
+
+  The tasks' T5/mT5 vocabulary may come from the frozen checkpoint's folder
+  (`vocabularies.use_checkpoint_vocabulary`). Reading the files here, before a run loads a large
+  frozen model or writes anything, turns an unreachable file (gs:// offline, a missing local file)
+  into one clear error instead of a TensorFlow traceback hours into the run.
+  """
+  vocabularies.use_checkpoint_vocabulary(initial_checkpoint_path)
+  if not mixture_or_task_name:
+    return
+  task = get_mixture_or_task(mixture_or_task_name, module)
+  for t in getattr(task, "tasks", [task]):
+    for name, feature in t.output_features.items():
+      vocab = feature.vocabulary
+      if not isinstance(vocab, seqio.SentencePieceVocabulary):
+        continue
+      try:
+        vocab.load_model()
+      except tf.errors.OpError as e:  # a task's own vocabulary (ours raise a ValueError)
+        detail = " ".join(str(e).splitlines()[0].split())[:200]
+        raise ValueError(f"Task {t.name!r} feature {name!r}: cannot read its vocabulary "
+                         f"{vocab.sentencepiece_model_file} ({type(e).__name__}: {detail}); "
+                         "make that file readable here (e.g. a local copy) and point the task "
+                         "at it.") from e
 
 
 def check_vocabulary(task, vocab_size: int) -> None:

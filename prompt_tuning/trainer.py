@@ -134,6 +134,8 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
   """
   from prompt_tuning import pretrained
   config_lib.check_runtime(model_runtime)  # before loading what may be a large checkpoint
+  dataset_lib.prepare_vocabularies(task_name, task_module,
+                                   initial_checkpoint_path=initial_checkpoint_path)
   if initial_checkpoint_path:
     # Checkpoints hold per-layer weights whatever the runtime layout; stack them below.
     load_config = None if model_config is None else model_config.replace(scan_layers=False)
