@@ -721,8 +721,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       if eval_dataset is not None and (step % eval_period == 0 or step == train_steps):
         final_eval = run_eval(step)
   if batches.truncated_examples:
-    log.warning("%d of %d training examples were longer than TASK_FEATURE_LENGTHS and were "
-                "truncated", batches.truncated_examples, batches.examples)
+    log.warning("%s", batches.truncation.summary("training examples"))
   ckpt.close()
   if best is not None:
     best.checkpointer.close()

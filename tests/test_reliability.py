@@ -342,7 +342,9 @@ def test_inputs_longer_than_task_feature_lengths_are_counted_and_reported(tmp_pa
   assert rows[-1]["truncated_examples"] == result["truncated_examples"]
   out = capsys.readouterr().out
   assert (f"{result['truncated_examples']} of 16 training examples were longer than "
-          "TASK_FEATURE_LENGTHS") in out
+          "TASK_FEATURE_LENGTHS and were truncated: inputs "
+          f"{result['truncated_examples']} (longest ") in out
+  assert "tokens, limit 6), targets 0 (longest" in out
   meta = json.loads((model_dir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
   assert meta["truncated_examples"] == result["truncated_examples"]
 
