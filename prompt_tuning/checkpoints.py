@@ -23,6 +23,7 @@ in the middle of a save (tests/test_reliability.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -239,12 +240,21 @@ def _state_tree(state) -> dict:
 
 
 def check_writable(model_dir: str | os.PathLike) -> None:
-  """Fails early (before hours of compute) if MODEL_DIR cannot be written."""
+  """Fails early (before hours of compute) if MODEL_DIR cannot be written; creates nothing.
+
+  A MODEL_DIR that does not exist yet is probed in its deepest existing parent (creating the folder
+  there needs the same permission as the probe file), so a run that stops before it writes
+  anything leaves no empty folder behind; the checkpointer creates MODEL_DIR.
+  """
   path = prompt_io.local_path(model_dir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
+    folder = path.absolute()
+    while not folder.exists() and folder != folder.parent:
+      folder = folder.parent
+    if not folder.is_dir():
+      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     # One probe per process: the hosts of a multi-host run check the same folder at once.
-    probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"
+    probe = folder / f".write_test.{socket.gethostname()}.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink(missing_ok=True)
   except OSError as e:
