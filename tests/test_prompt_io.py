@@ -118,7 +118,7 @@ def test_torch_bin_is_read_weights_only(tmp_path):
   np.testing.assert_array_equal(prompt_io.load_prompt(adapter), prompt)
   np.testing.assert_array_equal(prompt_io.load_prompt(adapter / "adapter_model.bin"), prompt)
   torch.save({"prompt_embeddings": Planted(marker)}, adapter / "adapter_model.bin")
-  with pytest.raises(PromptFileError, match="weights-only"):
+  with pytest.raises(PromptFileError, match=r"weights_only=True\) accepts"):
     prompt_io.load_prompt(adapter)
   assert not marker.exists()
 
@@ -133,7 +133,7 @@ def test_safetensors_file_bfloat16_and_bad_dtype(tmp_path):
   np.testing.assert_array_equal(prompt_io.load_prompt(tmp_path / "p.safetensors"),
                                 prompt.float().numpy())
   save_file({"prompt_embeddings": torch.ones(4, 8, dtype=torch.int64)}, tmp_path / "i.safetensors")
-  with pytest.raises(PromptFileError, match="dtype I64, expected a floating-point"):
+  with pytest.raises(PromptFileError, match="dtype int64, expected a floating-point"):
     prompt_io.load_prompt(tmp_path / "i.safetensors")
 
 
@@ -325,7 +325,7 @@ def test_t5x_tensorstore_prompt_inside_and_outside_the_folder(tmp_path):
   for escape in ("../checkpoint_7/" + folder.name, str(folder), "gs://bucket/x"):
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": escape}}
     _write_t5x(checkpoint, spec)
-    with pytest.raises(PromptFileError, match="relative path inside the checkpoint folder"):
+    with pytest.raises(PromptFileError, match="must be a relative path inside the checkpoint"):
       prompt_io.extract_prompt_from_t5x(checkpoint)
   # A symlink inside the folder that points out of it is refused too.
   (checkpoint / "link").symlink_to(tmp_path)
