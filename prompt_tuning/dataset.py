@@ -1,10 +1,13 @@
-"""SeqIO tasks and mixtures -> host batches for training and evaluation.
+"""SeqIO tasks and mixtures -> host batches for training; what evaluation needs of the tasks.
 
 Training data go through `seqio.EncDecFeatureConverter(pack=False)` (prompts and packing don't
 mix), in a deterministic order fixed by the seed, each host reading its own shard
-(`seqio.ShardInfo`). The position in the stream (batches consumed) is saved with each checkpoint;
-a resumed run rebuilds the same stream and skips that many batches, so it sees exactly the batches
-the uninterrupted run would have seen.
+(`seqio.ShardInfo`). The position in the stream (batches consumed) and the tf.data iterator state
+are saved with each checkpoint: a resumed run restores the iterator, or, when that state is
+missing or stale, rebuilds the same stream and skips that many batches; either way it sees exactly
+the batches the uninterrupted run would have seen. Examples longer than TASK_FEATURE_LENGTHS are
+counted before trimming (`Truncation`). Evaluation data are cached by `seqio.Evaluator` (see
+`evaluation.py`).
 """
 from __future__ import annotations
 

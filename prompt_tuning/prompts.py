@@ -5,7 +5,8 @@ inserted into the encoder's embedded input *before* input dropout. It lives at t
 `encoder/prompt/prompt` with logical axes `("prompt", "prompt_embed")` (replicated by default).
 
 Initialisers that need the frozen model's vocabulary embeddings (sampled vocabulary, class
-labels) run after the checkpoint is loaded: see `initialize_prompt`.
+labels) run after the checkpoint is loaded: see `initializers.initialize` (called by
+`trainer.build`).
 """
 from __future__ import annotations
 
