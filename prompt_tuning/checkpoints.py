@@ -7,9 +7,13 @@ Layout of MODEL_DIR:
   checkpoints/<step>/metadata/   JSON: data position, INITIAL_CHECKPOINT_PATH, configs
   checkpoints/<step>/frozen/     only with save_frozen=True: every frozen parameter
   numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.npy   the prompt, for other tools
+  numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt       the same bytes under the
+      original implementation's name (it np.save-d to a file object, so no `.npy`)
+  numpy_checkpoints/backup_checkpoint_<step>_<time>/   an export replaced by a re-export
 
 orbax writes each step into a temporary folder and renames it into place when complete, so a
 crash mid-save never leaves a checkpoint that looks complete; restore takes the latest complete one.
+Numpy exports are likewise assembled in a temporary folder and renamed into place.
 The training run's Checkpointer (`cleanup_tmp=True`) deletes such leftover temporary folders when
 it starts. A non-finite prompt is never saved.
 
@@ -19,12 +23,14 @@ in the middle of a save (tests/test_reliability.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pathlib
 import shutil
 import socket
+import time
 from typing import Any
 
 import flax
@@ -110,19 +116,28 @@ class Checkpointer:
     return self.numpy_dir / f"checkpoint_{int(step)}"
 
   def ensure_numpy_export(self, step: int, trainable: Any) -> None:
-    """Re-exports a restored checkpoint's prompt if a crash came between commit and export."""
-    has_prompt = any(path.startswith("encoder.prompt.") for path in
-                     flax.traverse_util.flatten_dict(trainable, sep="."))
-    missing = has_prompt and not self.numpy_export_dir(step).is_dir()
+    """Re-exports a restored checkpoint's prompt if a crash came between commit and export.
+
+    An export missing one of its files (e.g. written before the extension-less copies existed)
+    is written again; the old folder is kept as a backup.
+    """
+    names = _export_names(trainable)
+    folder = self.numpy_export_dir(step)
+    missing = bool(names) and not all((folder / name).is_file() for name in names)
     if jax.process_count() > 1:  # exporting gathers: every process must make process 0's choice
       from jax.experimental import multihost_utils
       missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
     if missing:
-      logging.warning("Checkpoint %d has no numpy export (interrupted save?): writing it", step)
+      logging.warning("Checkpoint %d has no complete numpy export (interrupted save?): "
+                      "writing it", step)
       self._export_numpy(step, trainable)
 
   def _export_numpy(self, step: int, trainable: Any) -> None:
-    """Writes each prompt variable as `<dotted path>.npy` (banks too; other weights are not)."""
+    """Writes each prompt variable as `<dotted path>.npy` and `<dotted path>` (banks too).
+
+    Both files hold the same `np.save` bytes; the extension-less one is the name the original
+    implementation's tools look for. Other weights are not exported.
+    """
     from prompt_tuning import partitioning  # gathering is collective: every process takes part
     arrays = {path: partitioning.to_host(leaf) for path, leaf in
               flax.traverse_util.flatten_dict(trainable, sep=".").items()
@@ -133,17 +148,30 @@ class Checkpointer:
     out = self.numpy_export_dir(step)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for path, array in arrays.items():
-      tmp.mkdir(parents=True, exist_ok=True)
-      array = array.astype(np.float32)
-      if array.ndim == 2:
-        prompt_io.save_prompt_npy(tmp / f"{path}.npy", array)
-      else:  # a prompt bank [N, P, D]
-        with open(tmp / f"{path}.npy", "wb") as f:
-          np.save(f, array, allow_pickle=False)
-    if tmp.is_dir():
-      shutil.rmtree(out, ignore_errors=True)  # a re-export replaces an older one
-      os.replace(tmp, out)
+    try:
+      for path, array in arrays.items():
+        tmp.mkdir(parents=True, exist_ok=True)
+        array = array.astype(np.float32)
+        for name in (f"{path}.npy", path):
+          if array.ndim == 2:
+            prompt_io.save_prompt_npy(tmp / name, array)
+          else:  # a prompt bank [N, P, D]
+            with open(tmp / name, "wb") as f:
+              np.save(f, array, allow_pickle=False)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    if not tmp.is_dir():
+      return
+    if out.exists():
+      # A re-export of the same step (e.g. a rerun after a crash): keep the old one, as the
+      # original did, under a name `checkpoint_*` globs do not pick up.
+      now = time.time_ns()
+      stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}_{now % 10**9:09d}"
+      backup = _unused(out.with_name(f"backup_{out.name}_{stamp}"))
+      logging.warning("%s exists already: moving it to %s", out, backup)
+      os.replace(out, backup)
+    os.replace(tmp, out)
 
   def restore(self, step: int, abstract_state: Any, abstract_frozen: Any = None):
     """Returns `(state tree dict, metadata, frozen or None)` restored onto the given shardings."""
@@ -193,17 +221,40 @@ class Checkpointer:
     self.manager.close()
 
 
+def _export_names(trainable: Any) -> list[str]:
+  """The files `_export_numpy` writes for these trainable parameters."""
+  paths = [path for path in flax.traverse_util.flatten_dict(trainable, sep=".")
+           if path.startswith("encoder.prompt.")]
+  return [name for path in paths for name in (f"{path}.npy", path)]
+
+
+def _unused(path: pathlib.Path) -> pathlib.Path:
+  candidate, n = path, 1
+  while candidate.exists():
+    candidate, n = path.with_name(f"{path.name}.{n}"), n + 1
+  return candidate
+
+
 def _state_tree(state) -> dict:
   return {"step": state.step, "opt_state": state.opt_state}
 
 
 def check_writable(model_dir: str | os.PathLike) -> None:
-  """Fails early (before hours of compute) if MODEL_DIR cannot be written."""
+  """Fails early (before hours of compute) if MODEL_DIR cannot be written; creates nothing.
+
+  A MODEL_DIR that does not exist yet is probed in its deepest existing parent (creating the folder
+  there needs the same permission as the probe file), so a run that stops before it writes
+  anything leaves no empty folder behind; the checkpointer creates MODEL_DIR.
+  """
   path = prompt_io.local_path(model_dir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
+    folder = path.absolute()
+    while not folder.exists() and folder != folder.parent:
+      folder = folder.parent
+    if not folder.is_dir():
+      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     # One probe per process: the hosts of a multi-host run check the same folder at once.
-    probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"
+    probe = folder / f".write_test.{socket.gethostname()}.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink(missing_ok=True)
   except OSError as e:

@@ -71,8 +71,12 @@ class TaskData:
   task: seqio.Task
   features: dict[str, np.ndarray]   # model features [N, ...] (EncDecFeatureConverter layout)
   examples: list[dict[str, Any]]    # task features per example, incl. *_pretokenized texts
-  truncated_examples: int
+  truncation: dataset_lib.Truncation  # examples longer than TASK_FEATURE_LENGTHS, per feature
   evaluator: seqio.Evaluator | None
+
+  @property
+  def truncated_examples(self) -> int:
+    return self.truncation.truncated
 
   @property
   def name(self) -> str:
@@ -120,8 +124,8 @@ def load_task_data(task_name: str, cfg: dataset_lib.DatasetConfig, *,
   assert [int(i) for i, _ in indexed] == list(range(len(indexed)))
   features = _stack([f for _, f in indexed])
   examples = list(task_ds.as_numpy_iterator())
-  truncated = dataset_lib.count_truncated(task, cfg, max_examples=max_examples)
-  return TaskData(task, features, examples, truncated, evaluator)
+  truncation = dataset_lib.count_truncated(task, cfg, max_examples=max_examples)
+  return TaskData(task, features, examples, truncation, evaluator)
 
 
 # ------------------------------------------------------------------------------------------------

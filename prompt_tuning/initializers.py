@@ -6,9 +6,11 @@ need its embedding table; `set_prompt` then places the result at `encoder/prompt
 - `random_uniform`: U[low, high). The paper says U[-0.5, 0.5] (our default); the original code
   drew U[0, 0.5) (`low=0.0`).
 - `sampled_vocab`: rows of the embedding table drawn without replacement from the first
-  `population` (5,000) rows, which SentencePiece orders by frequency.
+  `population` (5,000) rows, which SentencePiece orders by frequency; with replacement (and a
+  log line) when the prompt is longer than the population, as the original did.
 - `class_labels` (the paper's default): row i is the mean embedding of label i's sub-tokens;
-  the remaining rows are sampled vocabulary.
+  the remaining rows are sampled vocabulary. With more labels than rows the first labels fill
+  the prompt (the paper's length-1 ablation on two-label tasks) and a log line names them.
 - `from_string`: the embeddings of a string's tokens, the remaining rows sampled vocabulary.
 - `from_file`: a saved prompt (`prompt_io.load_prompt`: .npy, numpy export, PEFT adapter).
 
@@ -17,6 +19,7 @@ need its embedding table; `set_prompt` then places the result at `encoder/prompt
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,18 +46,21 @@ def random_uniform(rng, length: int, d_model: int, low: float = -0.5,
 
 def sampled_vocab(rng, embedding_VxD, length: int,
                   population: int = DEFAULT_POPULATION) -> np.ndarray:
-  """`length` distinct rows drawn uniformly from the first `population` embedding rows.
+  """`length` rows drawn uniformly from the first `population` embedding rows.
 
-  A `population` larger than the vocabulary (ByT5 has 384 rows) means the whole table.
+  Rows are distinct unless the prompt is longer than the population; then they are drawn with
+  replacement (as the original did), which is logged. A `population` larger than the
+  vocabulary (ByT5 has 384 rows) means the whole table.
   """
   _check_positive(length=length, population=population)
   vocab_size = _check_table(embedding_VxD)[0]
   population = min(population, vocab_size)
-  if length > population:
-    raise ValueError(f"sampled_vocab draws without replacement: a prompt of length {length} "
-                     f"needs population >= {length}, got {population} (vocabulary "
-                     f"{vocab_size}); raise `population` or shorten the prompt")
-  ids = np.asarray(jax.random.choice(rng, population, (length,), replace=False))
+  replace = length > population
+  if replace:
+    logging.warning("sampled_vocab: the prompt length %d exceeds the population of %d rows "
+                    "(vocabulary %d); sampling with replacement, so rows may repeat",
+                    length, population, vocab_size)
+  ids = np.asarray(jax.random.choice(rng, population, (length,), replace=replace))
   return _rows(embedding_VxD, ids)
 
 
@@ -63,6 +69,8 @@ def class_labels(rng, embedding_VxD, vocab, labels: Sequence[str], length: int,
   """Row i is the mean embedding of `labels[i]`'s sub-tokens; the rest sampled vocabulary.
 
   The sampled rows are drawn independently of the label rows (they may repeat a label token).
+  More labels than rows: the first `length` labels are used and the choice is logged (the
+  paper's prompt-length-1 runs on two-label tasks hold only the first label).
   """
   _check_positive(length=length)
   if isinstance(labels, str):
@@ -70,13 +78,15 @@ def class_labels(rng, embedding_VxD, vocab, labels: Sequence[str], length: int,
   labels = list(labels)
   if not labels:
     raise ValueError("class_labels needs at least one label")
-  if len(labels) > length:
-    raise ValueError(f"{len(labels)} class labels do not fit a prompt of length {length}; "
-                     "raise PROMPT_LENGTH or pass fewer labels")
   vocab_size = _check_table(embedding_VxD)[0]
+  # Every label is still tokenised, so a bad label fails whether or not its row is used.
+  label_ids = [_encode(vocab, label, vocab_size, what="class label") for label in labels]
+  if len(labels) > length:
+    logging.warning("class_labels: %d labels for a prompt of length %d; initialising from %s "
+                    "and leaving out %s", len(labels), length, labels[:length], labels[length:])
+    labels, label_ids = labels[:length], label_ids[:length]
   label_rows = []
-  for label in labels:
-    ids = _encode(vocab, label, vocab_size, what="class label")
+  for ids in label_ids:
     label_rows.append(_rows(embedding_VxD, ids).mean(axis=0))
   prompt_PxD = np.stack(label_rows).astype(np.float32)
   if length > len(labels):

@@ -1,6 +1,7 @@
 """The paper's optimizer, learning-rate schedules, and the trainable/frozen parameter split.
 
-Only parameters whose path matches a trainable regex (default: the prompt) get gradients and
+Only parameters whose whole path matches a trainable regex (default: the prompt; `re.fullmatch`,
+so `'prompt'` does not select `encoder/prompt/prompt`: write `'.*prompt'`) get gradients and
 optimizer state; every other parameter is frozen and carries no optimizer memory at all, because
 the optimizer is only ever given the trainable subtree.
 """
@@ -25,10 +26,16 @@ def path_str(path) -> str:
 
 
 def split_params(params: dict, patterns: Sequence[str] = PROMPT_PATTERNS) -> tuple[dict, dict]:
-  """Splits a nested dict into `(trainable, frozen)` nested dicts by full-path regex match."""
+  """Splits a nested dict into `(trainable, frozen)` nested dicts by full-path regex match.
+
+  A path is trainable when some pattern matches all of it (`re.fullmatch`): `'dogs'` selects
+  `dogs` but not `i/love/dogs`, which needs `'.*/dogs'`.
+  """
+  if isinstance(patterns, str):
+    raise TypeError(f"trainable patterns must be a list of regexes, got the string {patterns!r}")
   compiled = [re.compile(p) for p in patterns]
   flat = flax.traverse_util.flatten_dict(params, sep="/")
-  trainable = {k: v for k, v in flat.items() if any(c.search(k) for c in compiled)}
+  trainable = {k: v for k, v in flat.items() if any(c.fullmatch(k) for c in compiled)}
   if not trainable:
     raise ValueError(f"No parameter path matches the trainable patterns {list(patterns)}; "
                      f"paths look like {sorted(flat)[:3]}. Did the model get a PromptConfig?")

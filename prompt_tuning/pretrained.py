@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_tuning import safe_io
 from prompt_tuning.config import T5Config
 from prompt_tuning.model import T5
 
@@ -58,7 +59,6 @@ _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 # Where generic orbax trees keep the model parameters (T5X train states, flax TrainState, ours).
 _ORBAX_PARAM_PREFIXES = (("params",), ("target",), ("state", "params"), ("optimizer", "target"),
                          ("state", "target"))
-_TS_ARRAY_DRIVERS = ("zarr", "zarr3", "n5")
 _PROMPT_SUBTREE = ("encoder", "prompt")
 
 # --------------------------------------------------------------------------------------------
@@ -468,13 +468,13 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 def _read_hf_tensors(folder: str) -> dict[str, np.ndarray]:
   names = set(os.listdir(folder))
   if HF_SAFETENSORS in names:
-    return _read_safetensors(os.path.join(folder, HF_SAFETENSORS))
+    return safe_io.read_safetensors(os.path.join(folder, HF_SAFETENSORS))
   if HF_SAFETENSORS_INDEX in names:
-    return _read_sharded(folder, HF_SAFETENSORS_INDEX, _read_safetensors)
+    return _read_sharded(folder, HF_SAFETENSORS_INDEX, safe_io.read_safetensors)
   if HF_TORCH in names:
-    return _read_torch(os.path.join(folder, HF_TORCH))
+    return safe_io.read_torch_weights(os.path.join(folder, HF_TORCH))
   if HF_TORCH_INDEX in names:
-    return _read_sharded(folder, HF_TORCH_INDEX, _read_torch)
+    return _read_sharded(folder, HF_TORCH_INDEX, safe_io.read_torch_weights)
   raise ValueError(f"{folder} holds no HF weights ({HF_SAFETENSORS}, {HF_SAFETENSORS_INDEX}, "
                    f"{HF_TORCH} or {HF_TORCH_INDEX})")
 
@@ -484,62 +484,8 @@ def _read_sharded(folder: str, index_name: str, read) -> dict[str, np.ndarray]:
     weight_map = json.load(f)["weight_map"]
   tensors = {}
   for shard in sorted(set(weight_map.values())):
-    shard_path = _inside(folder, shard, what=f"shard named in {index_name}")
+    shard_path = safe_io.inside(folder, shard, what=f"shard named in {index_name}")
     tensors.update(read(shard_path))
-  return tensors
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  try:
-    return _read_safetensors_unchecked(path)
-  except Exception as e:  # SafetensorError and friends: say which file and what to do
-    raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                     f"{str(e)[:200]}); re-download or re-export the checkpoint") from e
-
-
-def _read_safetensors_unchecked(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  tensors = {}
-  with safe_open(path, framework="numpy") as f:
-    bf16 = []
-    for name in f.keys():
-      try:
-        tensors[name] = f.get_tensor(name)
-      except TypeError:  # numpy has no bfloat16: read those through jax
-        bf16.append(name)
-  if bf16:
-    with safe_open(path, framework="flax") as f:
-      for name in bf16:
-        tensors[name] = np.asarray(f.get_tensor(name))
-  return tensors
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"Reading {path} needs torch (pip install torch), or convert the "
-                      "checkpoint to safetensors") from e
-  # weights_only=True: a .bin file is a pickle, and a stranger's pickle can run code.
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # UnpicklingError for anything beyond plain tensors: refused, not run
-    raise ValueError(
-        f"Refusing to load {path}: it is not a plain tensor checkpoint that torch.load("
-        f"weights_only=True) accepts ({type(e).__name__}). It may contain code; convert a "
-        "trusted copy to model.safetensors instead.") from e
-  if not isinstance(state, dict):
-    raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-  tensors = {}
-  for name, value in state.items():
-    if not isinstance(value, torch.Tensor):
-      raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-    value = value.detach().contiguous()
-    if value.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-      import ml_dtypes
-      tensors[name] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    else:
-      tensors[name] = value.numpy().copy()
   return tensors
 
 
@@ -561,7 +507,8 @@ def _load_t5x_legacy(ckpt_dir: str, config: T5Config) -> dict[Path, np.ndarray]:
   flat = _drop_prompt(flax.traverse_util.flatten_dict(
       target, is_leaf=lambda _, v: _is_ts_spec(v)), ckpt_dir)
   # Check every path first (a refused spec must never be opened), then shapes, then read.
-  specs = {k: _t5x_array_spec(v, ckpt_dir, k) for k, v in flat.items() if _is_ts_spec(v)}
+  specs = {k: safe_io.t5x_array_spec(v, ckpt_dir, "/".join(k))
+           for k, v in flat.items() if _is_ts_spec(v)}
   import tensorstore as ts
   context = ts.Context()
   stores = {k: ts.open(spec, open=True, read=True, context=context).result()
@@ -583,62 +530,6 @@ class _Shaped:
 
 def _is_ts_spec(value) -> bool:
   return isinstance(value, dict) and "driver" in value
-
-
-def _t5x_array_spec(spec: dict, ckpt_dir: str, key: Path) -> dict:
-  """Rewrites a stored tensorstore spec to read from `ckpt_dir`; refuses paths that leave it."""
-  name = "/".join(key)
-  if spec.get("driver") not in _TS_ARRAY_DRIVERS:
-    raise ValueError(f"T5X parameter {name}: unsupported tensorstore driver "
-                     f"{spec.get('driver')!r} (expected one of {_TS_ARRAY_DRIVERS})")
-  kvstore = spec.get("kvstore")
-  parts = []
-  if isinstance(kvstore, dict):
-    if kvstore.get("driver") not in ("file", "gfile", "gcs"):
-      raise ValueError(f"T5X parameter {name}: unsupported kvstore driver "
-                       f"{kvstore.get('driver')!r}")
-    parts.append(kvstore.get("path", ""))
-  elif kvstore is not None:
-    raise ValueError(f"T5X parameter {name}: unsupported kvstore {kvstore!r}")
-  parts.append(spec.get("path", ""))  # old specs name the array folder at the top level
-  for part in parts:
-    _check_relative(part, name)
-  relative = posixpath.join(*[p for p in parts if p])
-  if not relative:
-    raise ValueError(f"T5X parameter {name}: its tensorstore spec names no path")
-  new = {"driver": spec["driver"]}
-  if ckpt_dir.startswith("gs://"):
-    bucket, _, prefix = ckpt_dir[len("gs://"):].partition("/")
-    new["kvstore"] = {"driver": "gcs", "bucket": bucket,
-                      "path": posixpath.join(prefix, relative)}
-  else:
-    new["kvstore"] = {"driver": "file", "path": _inside(ckpt_dir, relative,
-                                                        what=f"T5X parameter {name}")}
-  for field in ("metadata", "dtype"):
-    if field in spec:
-      new[field] = spec[field]
-  return new
-
-
-def _check_relative(part, name: str) -> None:
-  if not isinstance(part, str):
-    raise ValueError(f"T5X parameter {name}: tensorstore path {part!r} is not a string")
-  pieces = re.split(r"[/\\]", part)
-  if (part.startswith(("/", "\\")) or os.path.isabs(part) or re.match(r"^[A-Za-z][\w+.-]*:", part)
-      or ".." in pieces):
-    raise ValueError(f"T5X parameter {name}: refusing tensorstore path {part!r}: array paths must "
-                     "be relative and stay inside the checkpoint folder")
-
-
-def _inside(folder: str, relative: str, *, what: str) -> str:
-  """`folder/relative` after checking that it resolves (symlinks too) inside `folder`."""
-  _check_relative(relative, what)
-  base = os.path.realpath(folder)
-  full = os.path.realpath(os.path.join(base, relative))
-  if os.path.commonpath([base, full]) != base or full == base:
-    raise ValueError(f"{what}: refusing path {relative!r}: it resolves to {full}, outside "
-                     f"the checkpoint folder {base}")
-  return full
 
 
 def _join(folder: str, name: str) -> str:

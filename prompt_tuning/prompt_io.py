@@ -1,9 +1,9 @@
 """Reading and writing prompts: `.npy`, the original's numpy exports, HF PEFT adapters, T5X.
 
 Every reader returns a float32 `prompt_PxD` and validates at the boundary: files come from
-strangers, so nothing here unpickles (`np.load(allow_pickle=False)`, safetensors parsed by hand,
-`torch.load(weights_only=True)` only), and a T5X checkpoint may name array folders only inside
-itself. Every writer goes through a temporary name and a rename, so a crash never leaves a
+strangers, so nothing here unpickles (`np.load(allow_pickle=False)`; safetensors, torch `.bin`
+and T5X tensorstore specs through `safe_io`, the one copy of those readers and of the rule that
+array paths stay inside their checkpoint folder). Every writer goes through a temporary name and a rename, so a crash never leaves a
 half-written file that looks complete.
 
 Formats (see DESIGN.md, "Prompt export for other frameworks"):
@@ -11,7 +11,9 @@ Formats (see DESIGN.md, "Prompt export for other frameworks"):
   implementation's periodic exports); recognised by the `\\x93NUMPY` magic, not the name.
 - A PEFT prompt-tuning adapter folder: `adapter_config.json` + `adapter_model.safetensors` (or
   `adapter_model.bin`) holding `prompt_embeddings` [P * num_transformer_submodules, D]; the
-  encoder prompt is rows `[:num_virtual_tokens]`.
+  encoder prompt is rows `[:num_virtual_tokens]`. PEFT's seq2seq default (2 submodules) also
+  stores a decoder-side block of P rows, which PEFT's prompt tuning has not used since
+  huggingface/peft#519 (2023): it is left out, with a warning that says so.
 - An `adapter_model.safetensors`/`.bin` file on its own (its sibling `adapter_config.json`, if
   any, gives P), or any `.safetensors` file with one tensor.
 - A T5X legacy msgpack checkpoint (`extract_prompt_from_t5x`).
@@ -19,7 +21,7 @@ Formats (see DESIGN.md, "Prompt export for other frameworks"):
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import pathlib
 import re
@@ -28,6 +30,8 @@ import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from prompt_tuning import safe_io
 
 NPY_MAGIC = b"\x93NUMPY"
 PEFT_CONFIG = "adapter_config.json"
@@ -38,7 +42,6 @@ T5X_PROMPT_PATH = ("encoder", "prompt", "prompt")
 
 # T5 1.1 widths, to turn a d_model mismatch into "this prompt was trained for T5 base".
 _SIZE_BY_D_MODEL = {512: "small", 768: "base", 1024: "large", 2048: "xl", 4096: "xxl"}
-_SAFETENSORS_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None}
 # The header of a prompt's safetensors file is tiny; refuse absurd sizes before reading them.
 _MAX_SAFETENSORS_HEADER = 1 << 24
 
@@ -186,7 +189,7 @@ def _from_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
   if token_dim is not None and embeddings.ndim == 2 and embeddings.shape[1] != token_dim:
     raise PromptFileError(f"{path}: {PEFT_TENSOR} has width {embeddings.shape[1]} but the "
                           f"adapter config says token_dim {token_dim}")
-  return _peft_rows(embeddings, config["num_virtual_tokens"], path)
+  return _peft_rows(embeddings, config, path)
 
 
 def _read_peft_config(config_path: pathlib.Path) -> dict:
@@ -208,15 +211,37 @@ def _read_peft_config(config_path: pathlib.Path) -> dict:
   return config
 
 
-def _peft_rows(embeddings: np.ndarray, num_virtual_tokens: int, source) -> np.ndarray:
-  """The encoder prompt: PEFT stores one block of P rows per transformer submodule."""
+def _peft_rows(embeddings: np.ndarray, config: dict, source) -> np.ndarray:
+  """The encoder prompt: PEFT stores one block of P rows per transformer submodule.
+
+  With 2 submodules (PEFT's seq2seq default) the second block is the decoder side. PEFT's prompt
+  tuning feeds only the first block to the model (forward and generate, since
+  huggingface/peft#519), so the first block alone reproduces PEFT; the second is never dropped
+  silently. Adapters trained before that change (PEFT 0.3) prepended it to the decoder input,
+  which this model, like the paper's, does not have.
+  """
   if embeddings.ndim != 2:
     return embeddings  # as_prompt names the rank
+  length = config["num_virtual_tokens"]
   rows = embeddings.shape[0]
-  if rows < num_virtual_tokens or rows % num_virtual_tokens:
-    raise PromptFileError(f"{source}: {PEFT_TENSOR} has {rows} rows, expected a multiple of "
-                          f"num_virtual_tokens={num_virtual_tokens}")
-  return embeddings[:num_virtual_tokens]
+  blocks = config.get("num_transformer_submodules")
+  if blocks is None:  # older configs: infer from the tensor
+    blocks = rows // length if rows % length == 0 else None
+  if blocks not in (1, 2) or isinstance(blocks, bool) or rows != blocks * length:
+    raise PromptFileError(
+        f"{source}: {PEFT_TENSOR} has {rows} rows, expected num_virtual_tokens={length} times "
+        f"num_transformer_submodules={config.get('num_transformer_submodules')} (1: encoder "
+        "prompt only; 2: encoder then decoder block, PEFT's seq2seq default)")
+  if blocks == 2:
+    logging.warning(
+        "%s: a PEFT adapter with num_transformer_submodules=2: using rows 0-%d (the encoder "
+        "prompt) and leaving out rows %d-%d (the decoder-side block). PEFT's prompt tuning "
+        "never feeds that block to the model (since huggingface/peft#519, 2023), so this prompt "
+        "gives PEFT's outputs. An adapter trained with PEFT 0.3 or earlier had the block "
+        "prepended to the decoder input, which this model has no place for: retrain it with "
+        "PromptTuningConfig(num_transformer_submodules=1).", source, length - 1, length,
+        rows - 1)
+  return embeddings[:length]
 
 
 def _pick_tensor(tensors: dict[str, np.ndarray], source) -> np.ndarray:
@@ -240,69 +265,20 @@ def _looks_like_safetensors(head: bytes, path: pathlib.Path) -> bool:
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads the float tensors of a safetensors file (bfloat16 included, which numpy lacks)."""
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    if not 2 <= n <= _MAX_SAFETENSORS_HEADER or n + 8 > size:
-      raise PromptFileError(f"{path}: not a safetensors file (bad header length {n})")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise PromptFileError(f"{path}: not a safetensors file ({e})") from None
-    if not isinstance(header, dict):
-      raise PromptFileError(f"{path}: not a safetensors file (header is not an object)")
-    tensors = {}
-    for name, info in header.items():
-      if name == "__metadata__":
-        continue
-      try:
-        dtype_name, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-      except (KeyError, TypeError, ValueError):
-        raise PromptFileError(f"{path}: malformed safetensors entry {name!r}") from None
-      if dtype_name not in _SAFETENSORS_FLOATS:
-        raise PromptFileError(f"{path}: tensor {name!r} has dtype {dtype_name}, expected a "
-                              f"floating-point prompt ({'/'.join(_SAFETENSORS_FLOATS)})")
-      dtype = np.dtype(_bfloat16() if dtype_name == "BF16" else _SAFETENSORS_FLOATS[dtype_name])
-      count = math.prod(shape)
-      if (not all(isinstance(d, int) and d >= 0 for d in shape + [begin, end]) or end - begin !=
-          count * dtype.itemsize or begin < 0 or 8 + n + end > size):
-        raise PromptFileError(f"{path}: tensor {name!r} has inconsistent shape/offsets")
-      f.seek(8 + n + begin)
-      data = f.read(end - begin)
-      tensors[name] = np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape)
-  return tensors
-
-
-def _bfloat16():
-  import ml_dtypes  # ships with jax
-  return ml_dtypes.bfloat16
+  return _floats(safe_io.read_safetensors(path, error=PromptFileError), path)
 
 
 def _read_torch_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a torch state dict with `weights_only=True`, which refuses arbitrary pickles."""
-  try:
-    import torch
-  except ImportError:
-    raise PromptFileError(f"{path}: reading a torch .bin needs torch installed; or convert "
-                          "the adapter to safetensors") from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for unsafe files
-    raise PromptFileError(f"{path}: refused to load as a weights-only torch file "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                          ) from None
-  if isinstance(state, torch.Tensor):
-    state = {PEFT_TENSOR: state}
-  if not isinstance(state, dict):
-    raise PromptFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-  tensors = {}
-  for name, value in state.items():
-    if isinstance(value, torch.Tensor):
-      if not value.is_floating_point():
-        raise PromptFileError(f"{path}: tensor {name!r} has dtype {value.dtype}, expected a "
-                              "floating-point prompt")
-      tensors[str(name)] = value.detach().to(torch.float32).numpy()
+  return _floats(safe_io.read_torch_weights(path, bare_tensor_name=PEFT_TENSOR,
+                                            error=PromptFileError), path)
+
+
+def _floats(tensors: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
+  """A prompt file's tensors must be floating point (bfloat16 included)."""
+  for name, value in tensors.items():
+    if not _is_float(value.dtype):
+      raise PromptFileError(f"{path}: tensor {name!r} has dtype {value.dtype}, expected a "
+                            "floating-point prompt")
   return tensors
 
 
@@ -365,38 +341,12 @@ def _find_in_t5x(state: dict, parts: tuple[str, ...], source) -> Any:
 def _read_tensorstore(spec: dict, checkpoint_dir: pathlib.Path, source: str) -> np.ndarray:
   """Opens a T5X tensorstore spec, pinned to a folder inside the checkpoint."""
   import tensorstore as ts
-
-  if spec.get("driver") == "cast" and isinstance(spec.get("base"), dict):
-    spec = spec["base"]  # we cast to float32 ourselves
-  driver = spec.get("driver")
-  if driver not in ("zarr", "n5"):
-    raise PromptFileError(f"{source}: tensorstore driver {driver!r} is not supported (expected "
-                          "zarr)")
-  kvstore = spec.get("kvstore")
-  if not isinstance(kvstore, dict) or not isinstance(kvstore.get("path", ""), str):
-    raise PromptFileError(f"{source}: expected a kvstore with a relative path, found {kvstore!r}")
-  relative = "/".join(p for p in (kvstore.get("path", ""), spec.get("path", "")) if p)
-  resolved = _inside(checkpoint_dir, relative, source)
+  pinned = safe_io.t5x_array_spec(spec, str(checkpoint_dir), source, error=PromptFileError)
   try:
-    store = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(resolved)}},
-                    open=True, read=True).result()
-    return np.asarray(store.read().result())
+    return np.asarray(ts.open(pinned, open=True, read=True).result().read().result())
   except Exception as e:  # tensorstore reports missing or corrupt arrays as ValueError & co.
-    raise PromptFileError(f"{source}: could not read the array folder {resolved} ({e})") from None
-
-
-def _inside(root: pathlib.Path, relative: str, source: str) -> pathlib.Path:
-  """`root/relative`, refusing absolute paths, `..`, URLs and symlinks that leave `root`."""
-  rel = pathlib.PurePosixPath(relative)
-  if (not relative or rel.is_absolute() or "://" in relative or ".." in rel.parts
-      or relative.startswith("~")):
-    raise PromptFileError(f"{source}: array path {relative!r} must be a relative path inside "
-                          "the checkpoint folder (no absolute paths, URLs or '..')")
-  real_root = root.resolve()
-  resolved = (real_root / rel).resolve()
-  if real_root not in resolved.parents:
-    raise PromptFileError(f"{source}: array path {relative!r} leaves the checkpoint folder")
-  return resolved
+    raise PromptFileError(f"{source}: could not read the array folder "
+                          f"{pinned['kvstore'].get('path')} ({e})") from None
 
 
 # ----- writing -----

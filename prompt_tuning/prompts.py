@@ -5,7 +5,8 @@ inserted into the encoder's embedded input *before* input dropout. It lives at t
 `encoder/prompt/prompt` with logical axes `("prompt", "prompt_embed")` (replicated by default).
 
 Initialisers that need the frozen model's vocabulary embeddings (sampled vocabulary, class
-labels) run after the checkpoint is loaded: see `initialize_prompt`.
+labels) run after the checkpoint is loaded: see `initializers.initialize` (called by
+`trainer.build`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-COMBINATIONS = ("prefix", "prefix_after_bos", "suffix_before_eos")
+COMBINATIONS = ("prefix", "prefix_after_bos", "suffix_before_eos", "suffix")
 PROMPT_PATH = ("encoder", "prompt", "prompt")
 
 
@@ -25,8 +26,10 @@ class PromptConfig:
   """How a prompt is attached to the encoder input."""
 
   length: int = 100
-  # "prefix" (paper default), "prefix_after_bos" (after the first token) or
-  # "suffix_before_eos" (just before each example's last real token, its EOS).
+  # "prefix" (paper default), "prefix_after_bos" (after the first token),
+  # "suffix_before_eos" (just before each example's last real token, its EOS) or "suffix"
+  # (after the last real token, i.e. after EOS: the original's suffix with before_eos=False).
+  # Real tokens are counted as the original does (non-pad ids), so inputs are right-padded.
   combine: str = "prefix"
   # A bank of `bank_size` prompts selected per example by `prompt_index` (None: one prompt).
   bank_size: int | None = None
@@ -58,9 +61,9 @@ def insertion_positions(valid_BxL: jnp.ndarray, combine: str) -> jnp.ndarray:
     return jnp.zeros((batch,), jnp.int32)
   if combine == "prefix_after_bos":
     return jnp.ones((batch,), jnp.int32)
-  if combine == "suffix_before_eos":
+  if combine in ("suffix_before_eos", "suffix"):
     n = valid_BxL.sum(axis=1).astype(jnp.int32)
-    return jnp.maximum(n - 1, 0)
+    return jnp.maximum(n - 1, 0) if combine == "suffix_before_eos" else n
   raise ValueError(f"Unknown prompt combination {combine!r}; choose one of {COMBINATIONS}")
 
 

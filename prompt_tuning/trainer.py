@@ -204,6 +204,8 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
   """
   from prompt_tuning import pretrained
   config_lib.check_runtime(model_runtime)  # before loading what may be a large checkpoint
+  dataset_lib.prepare_vocabularies(task_name, task_module,
+                                   initial_checkpoint_path=initial_checkpoint_path)
   if initial_checkpoint_path:
     # Checkpoints hold per-layer weights whatever the runtime layout; stack them below.
     load_config = None if model_config is None else model_config.replace(scan_layers=False)
@@ -966,8 +968,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       if eval_dataset is not None and (step % eval_period == 0 or step == train_steps):
         final_eval = run_eval(step)
   if batches.truncated_examples:
-    log.warning("%d of %d training examples were longer than TASK_FEATURE_LENGTHS and were "
-                "truncated", batches.truncated_examples, batches.examples)
+    log.warning("%s", batches.truncation.summary("training examples"))
   ckpt.close()
   if best is not None:
     best.checkpointer.close()

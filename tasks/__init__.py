@@ -1,7 +1,8 @@
 """SeqIO task registrations. Import a submodule to register its tasks and mixtures.
 
 - `tasks.glue`: GLUE (`glue_sst2_v200`, `taskless_glue_sst2_v200_examples`, ...)
-- `tasks.super_glue`: SuperGLUE, incl. T5's "simple" WSC (`taskless_super_glue_boolq_v102`, ...)
+- `tasks.super_glue`: SuperGLUE, incl. T5's "simple" WSC and DPR (`taskless_super_glue_boolq_v102`,
+  `taskless_dpr_v001_simple`, ...)
 - `tasks.glue_transfer`: QQP <-> MRPC zero-shot transfer (`glue_mrpc_from_qqp_zeroshot_v200`)
 - `tasks.qa`: SQuAD v1.1 and MRQA (`squad_v010_allanswers`, `squad_to_mrqa`, ...)
 - `tasks.all`: everything above (e.g. `MIXTURE_OR_TASK_MODULE = "tasks.all"`)

@@ -54,8 +54,8 @@ def _make_dataset(split, shuffle_files=False, seed=None, *, skill: str, prefix: 
 
 
 def exact_match(targets, predictions) -> dict[str, float]:
-  """Fraction (0-1) of predictions equal to their target."""
-  return {"exact_match": float(np.mean([t == p for t, p in zip(targets, predictions)]))}
+  """Percent of predictions equal to their target (task metrics are percentages, as T5's)."""
+  return {"exact_match": 100 * float(np.mean([t == p for t, p in zip(targets, predictions)]))}
 
 
 def _register(name: str, skill: str, prefix: bool, seed_offset: int) -> None:

@@ -5,8 +5,18 @@ boolq, cb, copa, multirc, record, rte, wic, axb, axg, and T5's "simple" WSC as t
 `..super_glue_wsc_v102_simple_train..` (train split, correct referents only) and
 `..super_glue_wsc_v102_simple_eval..` (validation/test, every candidate).
 
-Mixtures: `..super_glue_wsc_and_dev_v102_simple..` (WSC train + eval) and
-`..super_glue_v102_proportional..` (all tasks weighted by training-set size, as T5).
+DPR, the Definite Pronoun Resolution dataset (TFDS `definite_pronoun_resolution:1.1.0`, splits
+train and test), in T5's `dpr_v001_simple` format: WSC's text (`"wsc: ... *he* ..."` -> the
+referent), so training on it helps WSC. Tasks `{,taskless_,task_index_}dpr_v001_simple..` (WSC's
+task index, as the original), scored by exact-match `accuracy`.
+
+Mixtures: `..super_glue_wsc_and_dev_v102_simple..` (WSC train + eval),
+`..wsc_dpr_simple_proportional..` (T5's: DPR + WSC train + WSC eval),
+`..super_glue_v102_proportional..` (all tasks weighted by training-set size; without DPR, as the
+original's `task_index_super_glue_v102_examples_proportional`) and
+`..super_glue_with_dpr_v102_proportional..` (with DPR, as the original's `..._with_dpr_...` and
+T5's own `super_glue_v102_proportional`). The original's names
+`task_index_super_glue{,_with_dpr}_v102_examples_proportional` are registered too.
 
 The paper initialises ReCoRD and WSC prompts, whose answers are free text, from words about the
 task rather than from labels; `class_labels` returns those words.
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import functools
 from typing import List, Tuple
+
+import tensorflow as tf
 
 from prompt_tuning.data import metrics
 from prompt_tuning.data import postprocessors as pp
@@ -84,6 +96,15 @@ TRAIN_SIZES = {
 
 WSC_TRAIN = f"super_glue_wsc_{VERSION}_simple_train"
 WSC_EVAL = f"super_glue_wsc_{VERSION}_simple_eval"
+DPR = "dpr_v001_simple"
+DPR_TFDS = "definite_pronoun_resolution:1.1.0"
+DPR_TRAIN_SIZE = 1_322.  # T5's weight for DPR in its SuperGLUE mixture
+ORIGINAL_MIXTURE_NAMES = {
+    f"task_index_super_glue_{VERSION}_examples_proportional":
+        f"task_index_super_glue_{VERSION}_proportional_examples",
+    f"task_index_super_glue_with_dpr_{VERSION}_examples_proportional":
+        f"task_index_super_glue_with_dpr_{VERSION}_proportional_examples",
+}
 
 
 def stem(name: str) -> str:
@@ -113,6 +134,20 @@ def postprocess_fn(name: str):
   if name == "record":
     return pp.record
   return pp.label_postprocessor(LABELS[name])
+
+
+@seqio.map_over_dataset
+def dpr_simple(x, label: str = "wsc:"):
+  """T5's `dpr_v001_simple` text: `"wsc: Bob asked Tom if *he* ..."` -> the right candidate.
+
+  Only the first occurrence of the pronoun as a word (after a space, before a space, `.` or `,`)
+  is marked, as T5 does; the pronoun is matched literally (RE2 `\\Q...\\E`).
+  """
+  marked = tf.strings.regex_replace(
+      x["sentence"], tf.strings.join([r" (\Q", x["pronoun"], r"\E)( |\.|,)"]), r" *\1*\2",
+      replace_global=False)
+  return {"inputs": tf.strings.join([label, marked], separator=" "),
+          "targets": tf.gather(x["candidates"], tf.cast(x["label"], tf.int32))}
 
 
 def register() -> Tuple[List[str], List[str]]:
@@ -155,13 +190,39 @@ def register() -> Tuple[List[str], List[str]]:
       display_name="wsc",
   ))
 
+  # DPR in WSC's format; predictions are compared with the referent's text as they are.
+  registry.register_class_labels("dpr", LABELS["wsc"])
+  task_names += registry.register_variants(registry.TaskSpec(
+      stem=DPR,
+      source=seqio.TfdsDataSource(tfds_name=DPR_TFDS, splits=("train", "test")),
+      text_preprocessors=[dpr_simple],
+      metric_fns=[metrics.accuracy],
+      task_index=TASK_INDEX["wsc"],
+      class_labels=LABELS["wsc"],
+      display_name="dpr",
+  ))
+
   only_eval_shows_examples = lambda task_stem: task_stem != WSC_TRAIN  # noqa: E731
   mixture_names += registry.register_mixture_variants(
       f"super_glue_wsc_and_dev_{VERSION}_simple", [WSC_TRAIN, WSC_EVAL],
       class_labels=LABELS["wsc"], examples_tasks=only_eval_shows_examples)
   mixture_names += registry.register_mixture_variants(
+      "wsc_dpr_simple_proportional",
+      [(DPR, DPR_TRAIN_SIZE), (WSC_TRAIN, TRAIN_SIZES[WSC_TRAIN]),
+       (WSC_EVAL, TRAIN_SIZES[WSC_EVAL])],
+      class_labels=LABELS["wsc"], examples_tasks=only_eval_shows_examples)
+  mixture_names += registry.register_mixture_variants(
       f"super_glue_{VERSION}_proportional", list(TRAIN_SIZES.items()),
       examples_tasks=only_eval_shows_examples)
+  mixture_names += registry.register_mixture_variants(
+      f"super_glue_with_dpr_{VERSION}_proportional",
+      [(DPR, DPR_TRAIN_SIZE)] + list(TRAIN_SIZES.items()),
+      examples_tasks=only_eval_shows_examples)
+  # The original's names for the task-index `_examples` mixtures put `_examples` elsewhere.
+  for original, ours in ORIGINAL_MIXTURE_NAMES.items():
+    registry.add_mixture(original, [(task.name, seqio.get_mixture_or_task(ours).get_rate(task))
+                                    for task in seqio.get_mixture_or_task(ours).tasks])
+    mixture_names.append(original)
 
   return task_names, mixture_names
 

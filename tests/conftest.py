@@ -67,9 +67,44 @@ def tiny_hf_t5():
 def t5_vocab_file(monkeypatch):
   """Points the T5 and mT5 vocabularies at the local T5 model (mT5's is not a fixture).
 
-  The vocabularies are shared and load once, so every test in the session uses this file.
+  The vocabularies are process-wide objects that load once; a run's start (`trainer.build`)
+  reloads them when its settings name another file. `fresh_vocabularies` starts from nothing.
   """
   path = str(fixture_path("t5_sentencepiece.model"))
   monkeypatch.setenv("PROMPT_TUNING_T5_VOCAB", path)
   monkeypatch.setenv("PROMPT_TUNING_MT5_VOCAB", path)
   return path
+
+
+@pytest.fixture
+def fresh_vocabularies(monkeypatch):
+  """No vocabulary setting, nothing loaded; afterwards nothing of this test's choice remains.
+
+  The T5/mT5 vocabularies are process-wide objects: other tests may have loaded them.
+  """
+  from prompt_tuning.data import vocabularies
+  monkeypatch.delenv(vocabularies.T5_VOCAB_ENV, raising=False)
+  monkeypatch.delenv(vocabularies.MT5_VOCAB_ENV, raising=False)
+  vocabularies.reset()
+  yield
+  vocabularies.reset()
+
+
+@pytest.fixture
+def offline_gcs(monkeypatch):
+  """gs:// unreachable, deterministically and at once: TF's GCS client goes through a proxy
+  whose host cannot resolve (`.invalid` never does); without it, a machine with network would
+  read T5's public bucket."""
+  for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+    monkeypatch.setenv(var, "http://gcs-unreachable.invalid:1")
+  monkeypatch.setenv("NO_GCE_CHECK", "true")
+
+
+def hf_folder(tmp_path, spiece=None):
+  """A tiny HF T5 1.1 folder saved by transformers, with `spiece` copied in as spiece.model."""
+  import shutil
+  folder = tmp_path / "hf_t5"
+  tiny_hf_t5().save_pretrained(folder)
+  if spiece is not None:
+    shutil.copyfile(spiece, folder / "spiece.model")
+  return folder

@@ -87,11 +87,26 @@ def test_sampled_vocab_on_the_real_table(tiny_embeddings):
 
 def test_sampled_vocab_population_limits():
   table = index_table(vocab_size=50)
-  with pytest.raises(ValueError, match="without replacement"):
-    initializers.sampled_vocab(jax.random.PRNGKey(0), table, 11, population=10)
   # A population beyond the vocabulary (ByT5: 384 rows) means the whole table.
   prompt = initializers.sampled_vocab(jax.random.PRNGKey(0), table, 50)
   assert sorted(prompt[:, 0].astype(int)) == list(range(50))
+
+
+def test_sampled_vocab_longer_than_population_samples_with_replacement(caplog):
+  """As the original: a prompt longer than the population repeats rows instead of failing."""
+  table = index_table(vocab_size=50)
+  with caplog.at_level("WARNING"):
+    prompt = initializers.sampled_vocab(jax.random.PRNGKey(0), table, 25, population=10)
+  ids = prompt[:, 0].astype(int)
+  assert prompt.shape == (25, 3) and ids.max() < 10
+  np.testing.assert_array_equal(prompt, table[ids])
+  assert len(set(ids)) < 25  # 25 draws from 10 rows must repeat
+  assert "with replacement" in caplog.text and "population of 10" in caplog.text
+  # A prompt that fits the population logs nothing and stays distinct.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    prompt = initializers.sampled_vocab(jax.random.PRNGKey(0), table, 10, population=10)
+  assert sorted(prompt[:, 0].astype(int)) == list(range(10)) and not caplog.text
 
 
 # ----- class labels -----
@@ -118,8 +133,9 @@ def test_class_labels_errors(t5_vocab, tiny_embeddings):
   rng = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="'' tokenises to no tokens"):
     initializers.class_labels(rng, tiny_embeddings, t5_vocab, ["positive", ""], length=5)
-  with pytest.raises(ValueError, match="3 class labels do not fit a prompt of length 2"):
-    initializers.class_labels(rng, tiny_embeddings, t5_vocab, ["a", "b", "c"], length=2)
+  # A bad label fails even when its row would be left out.
+  with pytest.raises(ValueError, match="'' tokenises to no tokens"):
+    initializers.class_labels(rng, tiny_embeddings, t5_vocab, ["positive", ""], length=1)
   with pytest.raises(TypeError, match="list of strings"):
     initializers.class_labels(rng, tiny_embeddings, t5_vocab, "positive", length=5)
 
@@ -128,6 +144,21 @@ def test_class_labels_exactly_filling_the_prompt():
   table = index_table(vocab_size=200)
   prompt = initializers.class_labels(None, table, IdVocab(), ["ab", "c"], length=2)
   np.testing.assert_array_equal(prompt[:, 0], [(97 + 98) / 2, 99])
+
+
+def test_class_labels_more_labels_than_rows_use_the_first_labels(caplog):
+  """The paper's prompt-length-1 runs on two-label tasks: row 0 is the first label."""
+  table = index_table(vocab_size=200)
+  with caplog.at_level("WARNING"):
+    prompt = initializers.class_labels(None, table, IdVocab(), ["ab", "c", "d"], length=2)
+  np.testing.assert_array_equal(prompt[:, 0], [(97 + 98) / 2, 99])
+  assert "['ab', 'c']" in caplog.text and "['d']" in caplog.text
+  prompt = initializers.class_labels(None, table, IdVocab(), ["c", "d"], length=1)
+  np.testing.assert_array_equal(prompt, table[[99]])
+  # Through the dispatcher, as a gin run calls it.
+  prompt = initializers.initialize("class_labels", jax.random.PRNGKey(0), length=1, d_model=3,
+                                   embedding=table, vocab=IdVocab(), labels=["c", "d"])
+  np.testing.assert_array_equal(prompt, table[[99]])
 
 
 # ----- from a string -----

@@ -143,3 +143,37 @@ def test_bfloat16_activations_close_to_float32():
   bf16 = T5(cfg.replace(dtype="bfloat16")).apply({"params": params}, ENC, DEC)
   assert bf16.dtype == jnp.float32
   assert np.max(np.abs(np.asarray(bf16) - np.asarray(f32))) < 0.1
+
+
+@pytest.mark.parametrize("combine", ["prefix", "prefix_after_bos", "suffix_before_eos", "suffix"])
+def test_every_combination_ignores_pads_and_attends_the_prompt(combine):
+  """Per mode: the prompt rows are valid encoder positions that change the output; neither the
+  pad embedding nor extra pad columns change the logits; encoder outputs at pads are zero."""
+  model = T5(tiny_config(), prompt=PromptConfig(length=3, combine=combine))
+  params = _init(model)
+  logits = np.asarray(model.apply({"params": params}, ENC, DEC))
+  valid = np.asarray(model.apply({"params": params}, ENC, method=T5.encoder_valid))
+  n = (ENC != 0).sum(1)
+  np.testing.assert_array_equal(valid.sum(1), n + 3)
+  if combine == "suffix":  # input with its EOS, then the prompt, then the pads
+    np.testing.assert_array_equal(valid, np.arange(ENC.shape[1] + 3)[None] < (n + 3)[:, None])
+
+  # The pad embedding (id 0 is also the decoder's start token, so compare the encoder).
+  perturbed = jax.tree_util.tree_map(lambda x: x, params)
+  perturbed["token_embedder"]["embedding"] = params["token_embedder"]["embedding"].at[0].add(100.)
+  encoded = np.asarray(model.apply({"params": params}, ENC, method=T5.encode))
+  np.testing.assert_allclose(
+      np.asarray(model.apply({"params": perturbed}, ENC, method=T5.encode))[valid],
+      encoded[valid], atol=1e-5)
+  padded = np.pad(ENC, ((0, 0), (0, 4)))
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, padded, DEC)), logits,
+                             atol=1e-4)
+  encoded = np.asarray(model.apply({"params": perturbed}, padded, method=T5.encode))
+  padded_valid = np.asarray(model.apply({"params": params}, padded, method=T5.encoder_valid))
+  assert np.all(encoded[~padded_valid] == 0.0)
+
+  moved = jax.tree_util.tree_map(lambda x: x, params)
+  moved["encoder"]["prompt"]["prompt"] = params["encoder"]["prompt"]["prompt"] + 1.0
+  changed = np.asarray(model.apply({"params": moved}, ENC, DEC))
+  assert np.abs(changed - logits).max() > 1e-3  # every example sees the prompt
+  assert (np.abs(changed - logits).max(axis=(1, 2)) > 1e-3).all()

@@ -118,7 +118,7 @@ def test_torch_bin_is_read_weights_only(tmp_path):
   np.testing.assert_array_equal(prompt_io.load_prompt(adapter), prompt)
   np.testing.assert_array_equal(prompt_io.load_prompt(adapter / "adapter_model.bin"), prompt)
   torch.save({"prompt_embeddings": Planted(marker)}, adapter / "adapter_model.bin")
-  with pytest.raises(PromptFileError, match="weights-only"):
+  with pytest.raises(PromptFileError, match=r"weights_only=True\) accepts"):
     prompt_io.load_prompt(adapter)
   assert not marker.exists()
 
@@ -133,7 +133,7 @@ def test_safetensors_file_bfloat16_and_bad_dtype(tmp_path):
   np.testing.assert_array_equal(prompt_io.load_prompt(tmp_path / "p.safetensors"),
                                 prompt.float().numpy())
   save_file({"prompt_embeddings": torch.ones(4, 8, dtype=torch.int64)}, tmp_path / "i.safetensors")
-  with pytest.raises(PromptFileError, match="dtype I64, expected a floating-point"):
+  with pytest.raises(PromptFileError, match="dtype int64, expected a floating-point"):
     prompt_io.load_prompt(tmp_path / "i.safetensors")
 
 
@@ -182,6 +182,72 @@ def test_peft_seq2seq_default_takes_the_encoder_rows(tmp_path):
   # The weights file on its own finds its sibling config.
   np.testing.assert_array_equal(
       prompt_io.load_prompt(tmp_path / "adapter" / "adapter_model.safetensors"), weights[:3])
+
+
+def test_peft_decoder_block_is_left_out_loudly_and_ours_decodes_as_peft(tmp_path, caplog):
+  """A real PEFT seq2seq adapter with num_transformer_submodules=2 ([2P, D]: encoder, then
+  decoder block). PEFT itself never uses the decoder block (changing it changes nothing), so
+  its rows [:P] reproduce PEFT: our greedy decode with the imported prompt equals PEFT's
+  `generate`. Leaving the block out is logged, never silent; a row count that matches neither
+  layout is refused."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import prompt_tuning
+  from prompt_tuning import PromptConfig, T5, decoding, initializers
+  from tests.conftest import tiny_hf_t5
+  hf_model = tiny_hf_t5()
+  base_dir = tmp_path / "hf_t5"
+  hf_model.save_pretrained(base_dir)
+  model = peft.get_peft_model(hf_model, peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                num_virtual_tokens=3)).eval()
+  assert model.peft_config["default"].num_transformer_submodules == 2
+  embedding = model.prompt_encoder["default"].embedding.weight
+  with torch.no_grad():
+    embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0)))
+  ids = torch.tensor([[5, 9, 33, 20, 7, 1, 0], [17, 2, 1, 0, 0, 0, 0], [40, 41, 42, 43, 1, 0, 0]])
+  generate = dict(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=8,
+                  do_sample=False, num_beams=1)
+  labels = torch.tensor([[3, 4, 1], [6, 1, 0], [8, 9, 1]])
+  with torch.no_grad():
+    peft_tokens = model.generate(**generate).numpy()[:, 1:]
+    logits = model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).logits
+    embedding[3:] += 5.0  # the decoder block: PEFT's outputs do not depend on it
+    np.testing.assert_array_equal(model.generate(**generate).numpy()[:, 1:], peft_tokens)
+    np.testing.assert_array_equal(
+        model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).logits, logits)
+  model.save_pretrained(tmp_path / "adapter")
+  weights = embedding.detach().numpy()
+
+  with caplog.at_level("WARNING"):
+    prompt = prompt_io.load_prompt(tmp_path / "adapter", expected_shape=(3, 16))
+  np.testing.assert_array_equal(prompt, weights[:3])
+  assert "num_transformer_submodules=2" in caplog.text and "leaving out rows 3-5" in caplog.text
+  assert "num_transformer_submodules=1" in caplog.text  # how to get an adapter without it
+
+  frozen_model, frozen = prompt_tuning.load_pretrained(str(base_dir))
+  ours = T5(frozen_model.config, prompt=PromptConfig(length=3))
+  tokens, _ = decoding.greedy(ours, initializers.set_prompt(frozen, prompt), ids.numpy(),
+                              max_decode_length=8)
+  tokens = np.asarray(tokens)
+  np.testing.assert_array_equal(tokens[:, :peft_tokens.shape[1]], peft_tokens)
+  with torch.no_grad():  # the prompt matters, so the equality above says something
+    plain = model.get_base_model().generate(**generate).numpy()[:, 1:]
+  assert plain.shape != peft_tokens.shape or (plain != peft_tokens).any()
+
+  # A single-block adapter is read without a warning; a count matching no layout is refused.
+  caplog.clear()
+  prompt_io.export_peft_adapter(tmp_path / "one", prompt, base_model_name_or_path="x",
+                                num_layers=2, num_attention_heads=2)
+  with caplog.at_level("WARNING"):
+    np.testing.assert_array_equal(prompt_io.load_prompt(tmp_path / "one"), prompt)
+  assert not caplog.text
+  config_path = tmp_path / "adapter" / "adapter_config.json"
+  config = json.loads(config_path.read_text())
+  config["num_transformer_submodules"] = 1  # but the tensor holds 6 rows
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(PromptFileError, match="has 6 rows, expected num_virtual_tokens=3 times "
+                                            "num_transformer_submodules=1"):
+    prompt_io.load_prompt(tmp_path / "adapter")
 
 
 def test_peft_folder_errors(tmp_path):
@@ -259,7 +325,7 @@ def test_t5x_tensorstore_prompt_inside_and_outside_the_folder(tmp_path):
   for escape in ("../checkpoint_7/" + folder.name, str(folder), "gs://bucket/x"):
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": escape}}
     _write_t5x(checkpoint, spec)
-    with pytest.raises(PromptFileError, match="relative path inside the checkpoint folder"):
+    with pytest.raises(PromptFileError, match="must be a relative path inside the checkpoint"):
       prompt_io.extract_prompt_from_t5x(checkpoint)
   # A symlink inside the folder that points out of it is refused too.
   (checkpoint / "link").symlink_to(tmp_path)

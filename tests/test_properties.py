@@ -85,18 +85,24 @@ def test_combination_keeps_input_order_and_a_contiguous_prompt(valid, plen, mode
 @given(valid=right_padded, plen=st.sampled_from(PLENS))
 def test_where_each_mode_puts_the_prompt(valid, plen):
   """prefix: first; prefix_after_bos: right after the first token; suffix_before_eos: right
-  before the last real token (the EOS), with no padding hole before the prompt or the EOS."""
+  before the last real token (the EOS), with no padding hole before the prompt or the EOS;
+  suffix: right after the last real token, the pads after it."""
   x, p = _labelled(plen)
   lengths = valid.sum(1)
   for mode in MODES:
     out, valid_out = _combine(x, p, valid, mode)
     out, valid_out = np.asarray(out)[..., 0], np.asarray(valid_out)
     for b, n in enumerate(lengths):
-      start = {"prefix": 0, "prefix_after_bos": 1, "suffix_before_eos": max(n - 1, 0)}[mode]
+      start = {"prefix": 0, "prefix_after_bos": 1, "suffix_before_eos": max(n - 1, 0),
+               "suffix": n}[mode]
       np.testing.assert_array_equal(out[b, start:start + plen], -np.arange(1, plen + 1))
       if mode == "suffix_before_eos":
         if n:
           assert out[b, start + plen] == n  # the last real token follows the prompt
+        np.testing.assert_array_equal(valid_out[b], np.arange(L + plen) < n + plen)
+      if mode == "suffix":
+        np.testing.assert_array_equal(out[b, :n], np.arange(1, n + 1))  # the input, EOS included
+        np.testing.assert_array_equal(out[b, n + plen:], np.arange(n + 1, L + 1))  # then pads
         np.testing.assert_array_equal(valid_out[b], np.arange(L + plen) < n + plen)
 
 

@@ -34,7 +34,7 @@ from prompt_tuning import infer as infer_main
 from prompt_tuning import pretrained
 from prompt_tuning import train as train_main
 from prompt_tuning import trainer
-from tests.conftest import tiny_config
+from tests.conftest import fixture_path, hf_folder, tiny_config
 from tests.test_trainer import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
@@ -345,7 +345,9 @@ def test_inputs_longer_than_task_feature_lengths_are_counted_and_reported(tmp_pa
   assert rows[-1]["truncated_examples"] == result["truncated_examples"]
   out = capsys.readouterr().out
   assert (f"{result['truncated_examples']} of 16 training examples were longer than "
-          "TASK_FEATURE_LENGTHS") in out
+          "TASK_FEATURE_LENGTHS and were truncated: inputs "
+          f"{result['truncated_examples']} (longest ") in out
+  assert "tokens, limit 6), targets 0 (longest" in out
   meta = json.loads((model_dir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
   assert meta["truncated_examples"] == result["truncated_examples"]
 
@@ -463,6 +465,73 @@ def test_cli_prints_one_line_errors_for_user_mistakes(tmp_path, frozen_checkpoin
   assert capsys.readouterr().err.startswith("error: BATCH_SIZE must be positive, got 0")
 
 
+def _readme_hf_command(checkpoint, model_dir) -> list[str]:
+  """README.md's "From an HF checkpoint folder" command, on `checkpoint` and `model_dir`."""
+  import shlex
+  readme = (REPO / "README.md").read_text()
+  block = readme[readme.index("From an HF checkpoint folder"):]
+  block = block[block.index("```sh\n") + 6:]
+  args = shlex.split(block[:block.index("```")].replace("\\\n", " "))
+  assert args[:3] == ["python", "-m", "prompt_tuning.train"], args
+  out = []
+  for arg in args[3:]:
+    if arg.startswith("--gin.INITIAL_CHECKPOINT_PATH="):
+      arg = f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'"
+    elif arg.startswith("--gin.MODEL_DIR="):
+      arg = f"--gin.MODEL_DIR='{model_dir}'"
+    out.append(arg)
+  return out
+
+
+def test_readme_hf_command_offline_without_a_vocabulary_is_one_line_and_creates_nothing(
+    tmp_path, capsys, fresh_vocabularies, offline_gcs):
+  """A new user's first run: an HF folder without spiece.model, no network. One `error:` line
+  that names both fixes, exit status 2, and no MODEL_DIR left behind."""
+  checkpoint, model_dir = hf_folder(tmp_path), tmp_path / "prompt_rte_hf"
+  capsys.readouterr()  # transformers' progress bar
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  line = err.splitlines()[0]
+  assert line.startswith("error: Cannot read the T5 vocabulary "
+                         "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model ("), err
+  assert "Point $PROMPT_TUNING_T5_VOCAB at a local copy of that file" in line
+  assert "put the model's spiece.model" in line and "Traceback" not in err
+  assert not model_dir.exists()
+
+
+def test_readme_hf_command_offline_uses_the_folders_spiece_model(tmp_path, capsys,
+                                                                fresh_vocabularies, offline_gcs):
+  """The same folder with HF's spiece.model: the tasks' vocabulary is that file, no setting, no
+  network. The tiny model (64 embedding rows) cannot hold T5's ids, so the run stops at the next
+  check, the class-label ids, which proves the labels were tokenised with the folder's file."""
+  checkpoint = hf_folder(tmp_path, fixture_path("t5_sentencepiece.model"))
+  model_dir = tmp_path / "prompt_rte_hf"
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
+  assert e.value.code == 2
+  captured = capsys.readouterr()
+  assert (f"T5 vocabulary: {checkpoint / 'spiece.model'} (INITIAL_CHECKPOINT_PATH's "
+          "spiece.model; 32100 ids)") in captured.out
+  assert captured.err.startswith("error: The class label 'entailment' has token ids [5756, 297] "
+                                 "outside the embedding table of 64 rows"), captured.err
+  assert not model_dir.exists()
+
+
+def test_check_writable_creates_nothing(tmp_path):
+  """MODEL_DIR is created by the first write, so a run that fails before it leaves no folder."""
+  model_dir = tmp_path / "new" / "run"
+  checkpoints.check_writable(model_dir)
+  assert list(tmp_path.iterdir()) == []
+  (tmp_path / "ro").mkdir(mode=0o555)
+  if os.access(tmp_path / "ro", os.W_OK):
+    pytest.skip("running as a user who can write anywhere (root)")
+  with pytest.raises(ValueError, match="not writable"):
+    checkpoints.check_writable(tmp_path / "ro" / "run")
+
+
 # --- 4. Hostile files ---------------------------------------------------------------------------
 
 def test_frozen_torch_bin_that_runs_code_is_refused(tmp_path):
@@ -534,7 +603,7 @@ def test_hosts_checking_model_dir_at_once_do_not_trip_each_other(tmp_path):
   for p in procs:
     p.join(120)
   assert [p.exitcode for p in procs] == [0] * 4
-  assert not list(model_dir.glob(".write_test*"))
+  assert not list(tmp_path.rglob(".write_test*"))
 
 
 def _check_writable_repeatedly(model_dir, start):

@@ -423,7 +423,7 @@ def register_file_task(
           functools.partial(prep.text_to_text, inputs_template=inputs, targets_template=targets,
                             keep_fields=keep),
           seqio.preprocessors.tokenize,
-          seqio.preprocessors.append_eos_after_trim,
+          prep.append_eos_after_trim,
       ],
       output_features=vocabularies.output_features(vocabulary),
       postprocess_fn=postprocess_fn,

@@ -1,7 +1,8 @@
 """Metric functions in seqio's `(targets, predictions) -> {name: value}` form, numpy/scipy only.
 
-Values and names follow T5's metrics (percentages, e.g. `{"accuracy": 95.1}`), so numbers
-compare directly with T5/T5X runs and the paper: accuracy, binary F1 with invalid predictions
+Values and names follow T5's metrics (percentages, e.g. `{"accuracy": 95.1}`; the trainer's
+token accuracy is a fraction, see docs/metrics.md), so numbers compare directly with T5/T5X runs
+and the paper: accuracy, binary F1 with invalid predictions
 counted wrong, Matthews correlation, Pearson/Spearman, CB's macro F1, SQuAD EM/F1 (max over gold
 answers after SQuAD normalisation), MultiRC F1a/EM and ReCoRD EM/F1.
 
@@ -224,15 +225,20 @@ def text_examples(targets, predictions, task_name: str, num_examples: int = 8,
                   ) -> Dict[str, seqio.metrics.Text]:
   """A sample of predictions, and of wrong ones, as text summaries (e.g. for TensorBoard).
 
-  "Wrong" compares the postprocessed prediction with the target, so for tasks whose target
-  is a list (SQuAD) every example counts as wrong.
+  `num_examples=-1` shows every example (as in the original). "Wrong" compares the
+  postprocessed prediction with the target, so for tasks whose target is a list (SQuAD) every
+  example counts as wrong.
   """
   _check_lengths(targets, predictions)
+  if not isinstance(num_examples, int) or num_examples < -1:
+    raise ValueError(f"num_examples must be a count >= 0, or -1 for all, got {num_examples!r}")
   rng = random.Random(seed)
 
   def sample(items):
     items = list(items)
-    return items if len(items) <= num_examples else rng.sample(items, num_examples)
+    if num_examples == -1 or len(items) <= num_examples:
+      return items
+    return rng.sample(items, num_examples)
 
   wrong = [p for p, t in zip(predictions, targets) if p[pp.PREDICTION] != t]
   return {

@@ -35,7 +35,7 @@ def as_text(value: Any) -> Any:
   return value
 
 
-def identity(text, **unused_kwargs):
+def identity(text, *unused_args, **unused_kwargs):
   return text
 
 
@@ -116,20 +116,24 @@ def translate_labels(text, mapping: Mapping[str, str], example=None, is_target: 
   return mapping.get(text.strip(), text)
 
 
-def qqp_to_mrpc(text, **kwargs):
+def qqp_to_mrpc(text, *unused_args, **kwargs):
   return translate_labels(text, QQP_TO_MRPC, **kwargs)
 
 
-def mrpc_to_qqp(text, **kwargs):
+def mrpc_to_qqp(text, *unused_args, **kwargs):
   return translate_labels(text, MRPC_TO_QQP, **kwargs)
 
 
 def sequential(*fns: Callable) -> Callable:
-  """Chains postprocessors; each gets the previous output and the same keyword arguments."""
+  """Chains postprocessors; each gets the previous output and the same other arguments.
 
-  def run(text, **kwargs):
+  Extra positional arguments reach every function too, as in the original's `sequential`
+  (seqio passes only keywords, but T5-era postprocessors may be called positionally).
+  """
+
+  def run(text, *args, **kwargs):
     for fn in fns:
-      text = fn(text, **kwargs)
+      text = fn(text, *args, **kwargs)
     return text
 
   return run
@@ -161,7 +165,7 @@ def label_postprocessor(label_classes: Optional[Sequence[str]]) -> Callable:
     return identity
   labels = tuple(label_classes)
 
-  def to_class_id(text, **kwargs):
+  def to_class_id(text, *unused_args, **kwargs):
     return string_label_to_class_id(text, labels, **kwargs)
 
   return to_class_id

@@ -57,6 +57,34 @@ def add_sentinel_to_beginning(dataset, output_features, field: str = "inputs", o
   return add(dataset)
 
 
+# ========== Trimming that stays visible ==========
+def untrimmed_length_key(feature: str) -> str:
+  """The feature holding `feature`'s token count before `append_eos_after_trim` (EOS included)."""
+  return f"{feature}_untrimmed_length"
+
+
+def append_eos_after_trim(dataset, output_features, sequence_length=None):
+  """seqio's `append_eos_after_trim`, recording each feature's length before the trim.
+
+  Trimming to `sequence_length - 1` and then appending EOS keeps EOS on sequences that are too
+  long (right for training), but hides the cut from any count taken later.
+  `{feature}_untrimmed_length` (int32, the length the sequence would have with EOS) is what
+  `prompt_tuning.dataset` counts truncated examples from.
+  """
+
+  @seqio.map_over_dataset
+  def record(x):
+    x = dict(x)
+    for key, feature in output_features.items():
+      if key in x:
+        eos = 1 if feature.add_eos else 0
+        x[untrimmed_length_key(key)] = tf.size(x[key], out_type=tf.int32) + eos
+    return x
+
+  return seqio.preprocessors.append_eos_after_trim(record(dataset), output_features,
+                                                   sequence_length=sequence_length)
+
+
 # ========== Generic text-to-text ==========
 def parse_template(template: str) -> list[tuple[str, Optional[str]]]:
   """Splits `"question: {q} context: {c}"` into (literal, field-or-None) pairs."""

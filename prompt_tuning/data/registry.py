@@ -113,7 +113,7 @@ def _preprocessors(spec: TaskSpec, fmt: str) -> List[Callable]:
   if fmt == "task_index":
     steps.append(functools.partial(prep.add_sentinel_to_beginning, field="inputs",
                                    offset=spec.task_index))
-  steps += [seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim]
+  steps += [seqio.CacheDatasetPlaceholder(), prep.append_eos_after_trim]
   return steps
 
 

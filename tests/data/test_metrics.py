@@ -99,6 +99,19 @@ def test_metrics_with_examples_unwrap_predictions():
   assert "prediction: b" in texts["toy wrong samples"].textdata
 
 
+def test_text_examples_minus_one_shows_every_example():
+  """`num_examples=-1` means all examples (the original's convention), not a sample of -1."""
+  wrapped = [pp.postprocess_with_examples(pp.identity, p, example={}) for p in "abcdefghij"]
+  texts = metrics.text_examples(list("abcdefghiz"), wrapped, task_name="toy", num_examples=-1)
+  samples = texts["toy samples"].textdata
+  assert [f"prediction: {p}" in samples for p in "abcdefghij"] == [True] * 10
+  assert texts["toy wrong samples"].textdata.count("prediction:") == 1
+  assert metrics.text_examples(list("abcdefghij"), wrapped, task_name="toy",
+                               num_examples=3)["toy samples"].textdata.count("prediction:") == 3
+  with pytest.raises(ValueError, match="-1 for all"):
+    metrics.text_examples(["a"], wrapped[:1], task_name="toy", num_examples=-2)
+
+
 def test_metric_signatures_are_accepted_by_seqio():
   """seqio sorts metric functions by their positional arguments; all must be predict metrics."""
   import functools
@@ -111,3 +124,22 @@ def test_metric_signatures_are_accepted_by_seqio():
                   if p.default is inspect.Parameter.empty
                   and p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
     assert positional == ["targets", "predictions"], fn
+
+
+def test_task_metrics_are_percentages():
+  """docs/metrics.md: every task metric is 0-100 (T5's scale), the bundled demo's too; a perfect
+  prediction scores 100, not 1."""
+  import tasks.demo
+  labels = [0, 1, 1, 0]
+  perfect = {
+      "accuracy": (labels, labels), "sequence_accuracy": (["a", "b"], ["a", "b"]),
+      "f1": (labels, labels), "mcc": (labels, labels),
+      "pearson": ([0.1, 0.5, 0.9], [0.1, 0.5, 0.9]), "spearman": ([1, 2, 3], [1, 2, 3]),
+      "squad": ([["x"], ["b c"]], ["x", "b c"]),
+  }
+  assert set(perfect) == set(metrics.METRICS_BY_NAME)
+  for name, (targets, predictions) in perfect.items():
+    values = metrics.METRICS_BY_NAME[name](targets, predictions)
+    assert all(v == pytest.approx(100.0) for v in values.values()), (name, values)
+  assert metrics.mean_multiclass_f1(3)([0, 1, 2], [0, 1, 2]) == {"mean_3class_f1": 100.0}
+  assert tasks.demo.exact_match(["x", "y"], ["x", "z"]) == {"exact_match": 50.0}

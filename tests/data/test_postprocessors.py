@@ -63,3 +63,20 @@ def test_postprocess_with_examples_keeps_text():
   assert out == {pp.PREDICTION: 1, pp.PREDICTION_TEXT: "positive",
                  pp.INPUT_TEXT: "sst2 sentence: fine", pp.TARGET_TEXT: "positive"}
   assert pp.postprocess_with_examples(to_id, "positive", example=example, is_target=True) == 1
+
+
+def test_sequential_passes_extra_positional_arguments_to_every_function():
+  """As the original's `sequential`: positional arguments after the text reach each function."""
+  seen = []
+
+  def record_args(text, *args, **kwargs):
+    seen.append((text, args, kwargs))
+    return text + "!"
+
+  chain = pp.sequential(record_args, pp.identity, record_args)
+  assert chain("a", "extra", 3, is_target=False) == "a!!"
+  assert seen == [("a", ("extra", 3), {"is_target": False}),
+                  ("a!", ("extra", 3), {"is_target": False})]
+  # Our own postprocessors accept (and ignore) them, so they chain with such functions.
+  chain = pp.sequential(pp.qqp_to_mrpc, pp.label_postprocessor(("not_equivalent", "equivalent")))
+  assert chain("duplicate", "extra", example={}, is_target=False) == 1

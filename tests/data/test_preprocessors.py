@@ -149,3 +149,22 @@ def test_add_sentinel_to_beginning_is_extra_id(t5_vocab_file):
   out = next(prep.add_sentinel_to_beginning(dataset, features, offset=3).as_numpy_iterator())
   assert vocab.decode([int(out["inputs"][0])]) == "<extra_id_3>"
   assert isinstance(vocab, seqio.SentencePieceVocabulary)
+
+
+def test_append_eos_after_trim_records_the_untrimmed_lengths():
+  """Same tokens as seqio's `append_eos_after_trim`, plus each feature's length before the cut
+  (with EOS), so truncation stays countable."""
+  features = vocabularies.output_features("byt5")
+  examples = [{"inputs": tf.constant([5, 6, 7, 8, 9], tf.int32),
+               "targets": tf.constant([4], tf.int32)}]
+  lengths = {"inputs": 3, "targets": 4}
+  ours = run(prep.append_eos_after_trim, examples, output_features=features,
+             sequence_length=lengths)
+  seqios = run(seqio.preprocessors.append_eos_after_trim, examples, output_features=features,
+               sequence_length=lengths)
+  assert ours[0]["inputs"].tolist() == seqios[0]["inputs"].tolist() == [5, 6, 1]
+  assert ours[0]["targets"].tolist() == seqios[0]["targets"].tolist() == [4, 1]
+  assert ours[0][prep.untrimmed_length_key("inputs")] == 6
+  assert ours[0][prep.untrimmed_length_key("targets")] == 2
+  untrimmed = run(prep.append_eos_after_trim, examples, output_features=features)
+  assert untrimmed[0]["inputs"].tolist() == [5, 6, 7, 8, 9, 1]

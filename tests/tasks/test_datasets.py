@@ -1,7 +1,7 @@
 """Every task's data pipeline yields tokenised examples under `tfds.testing.mock_data`.
 
-Running 519 pipelines would take minutes, so `test_every_task_pipeline` runs each distinct
-pipeline once (a dataset in one format: 88) and checks that the other tasks (other vocabulary,
+Running 537 pipelines would take minutes, so `test_every_task_pipeline` runs each distinct
+pipeline once (a dataset in one format: 91) and checks that the other tasks (other vocabulary,
 `_examples`) are that same pipeline; `test_representative_tasks` runs a sample in every
 vocabulary. Set PROMPT_TUNING_TEST_ALL_TASKS=1 to run literally every task (slow).
 """
@@ -82,6 +82,8 @@ def describe_pipeline(task):
 
 def task_word_and_index(stem):
   """The task-name word that the taskless format drops, and the task-index sentinel offset."""
+  if stem == super_glue.DPR:  # DPR is written as WSC
+    return "wsc:", super_glue.TASK_INDEX["wsc"]
   if stem.startswith("super_glue_"):
     name = stem.split("_")[2]
     word = "wsc:" if name == "wsc" else super_glue.BENCHMARK.get(name, name)
@@ -129,7 +131,7 @@ def test_every_task_pipeline(data):
     # task_index: one sentinel, then the taskless tokens.
     sentinel = vocabulary.vocab_size - 1 - index
     assert first["task_index"]["inputs"].tolist() == [sentinel] + taskless["inputs"].tolist()
-  assert checked == len(names) == 519
+  assert checked == len(names) == 537
 
 
 @pytest.mark.parametrize("name", [
@@ -152,6 +154,50 @@ def test_representative_tasks(data, name):
     if "task_index" in name:
       ids = ids[1:]
     assert ids == [b + 3 for b in text]
+
+
+def test_dpr_in_t5s_simple_format(data):
+  """T5's `dpr_v001_simple`: `"wsc: ... *pronoun* ..."` -> the right candidate's text, from TFDS
+  `definite_pronoun_resolution` (train and test); scored by exact-match accuracy."""
+  import tensorflow as tf
+  raw = tf.data.Dataset.from_tensors({
+      "sentence": "Bob asked Tom if he can lend some money, he said.", "pronoun": "he",
+      "candidates": ["Bob", "Tom"], "label": 1})
+  (example,) = list(super_glue.dpr_simple(raw).as_numpy_iterator())
+  assert example == {"inputs": b"wsc: Bob asked Tom if *he* can lend some money, he said.",
+                     "targets": b"Tom"}
+
+  task = seqio.get_mixture_or_task("dpr_v001_simple")
+  assert task.source.tfds_dataset.name == "definite_pronoun_resolution:1.1.0"
+  assert set(task.splits) == {"train", "test"}
+  for split in ("train", "test"):
+    (example,) = first_examples(task.name, split)
+    check_tokenised(task.name, example)
+    assert example["inputs_pretokenized"].startswith(b"wsc: ")
+  target = example["targets_pretokenized"].decode()
+  scores = {}
+  for fn in task.metric_fns:
+    scores.update(fn([target, target], [target, target + " not"]))
+  assert scores == {"accuracy": 50.0}
+  wrapped = seqio.get_mixture_or_task("taskless_dpr_v001_simple_examples")
+  out = wrapped.postprocess_fn(target, example=example, is_target=False)
+  assert out[pp.PREDICTION] == target
+  # T5's WSC + DPR mixture trains on DPR and WSC's correct referents.
+  mixture = seqio.get_mixture_or_task("taskless_wsc_dpr_simple_proportional")
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
+      "taskless_dpr_v001_simple": 1322.0, "taskless_super_glue_wsc_v102_simple_train": 259.0,
+      "taskless_super_glue_wsc_v102_simple_eval": 0.0}
+  with_dpr = seqio.get_mixture_or_task("super_glue_with_dpr_v102_proportional")
+  assert {t.name for t in with_dpr.tasks} == (
+      {t.name for t in seqio.get_mixture_or_task("super_glue_v102_proportional").tasks}
+      | {"dpr_v001_simple"})
+  # The original's name for the task-index mixture with DPR: same tasks, same rates.
+  ours = seqio.get_mixture_or_task("task_index_super_glue_with_dpr_v102_proportional_examples")
+  original = seqio.get_mixture_or_task("task_index_super_glue_with_dpr_v102_examples_proportional")
+  assert [(t.name, original.get_rate(t)) for t in original.tasks] == [
+      (t.name, ours.get_rate(t)) for t in ours.tasks]
+  assert ("task_index_dpr_v001_simple_examples", 1322.0) in [
+      (t.name, ours.get_rate(t)) for t in ours.tasks]
 
 
 def test_glue_splits(data):
@@ -185,6 +231,7 @@ def test_every_mixture_resolves():
     ("taskless_glue_mnli_and_dev_v200", b"hypothesis:"),
     ("glue_mrpc_from_qqp_zeroshot_v200_examples", b"qqp question1:"),
     ("task_index_super_glue_wsc_and_dev_v102_simple_byt5", None),
+    ("wsc_dpr_simple_proportional_mt5", b"wsc: "),
     ("squad_to_mrqa_mt5", b"question:"),
 ])
 def test_mixtures_train_on_their_training_task(data, name, first_words):

@@ -24,18 +24,19 @@ def test_task_and_mixture_counts_by_family():
   tasks_by_family = {f: len(m.TASK_NAMES) for f, m in FAMILIES.items()}
   assert tasks_by_family == {
       "glue": 12 * VARIANTS,
-      # 9 datasets and WSC eval in every variant; WSC train has no `_examples` variant.
-      "super_glue": 10 * VARIANTS + 3 * 3,
+      # 9 datasets, WSC eval and DPR in every variant; WSC train has no `_examples` variant.
+      "super_glue": 11 * VARIANTS + 3 * 3,
       "transfer": 2 * VARIANTS,
       "qa": 13 * 2 * 3,  # SQuAD + 12 MRQA sets, plain format only
   }
   mixtures_by_family = {f: len(m.MIXTURE_NAMES) for f, m in FAMILIES.items()}
-  assert mixtures_by_family == {"glue": 2 * VARIANTS, "super_glue": 2 * VARIANTS,
+  # super_glue: + the original's 2 names for task-index `_examples` mixtures.
+  assert mixtures_by_family == {"glue": 2 * VARIANTS, "super_glue": 4 * VARIANTS + 2,
                                 "transfer": 2 * VARIANTS, "qa": 8 * 2 * 3}
   all_tasks = [n for m in FAMILIES.values() for n in m.TASK_NAMES]
   all_mixtures = [n for m in FAMILIES.values() for n in m.MIXTURE_NAMES]
-  assert len(set(all_tasks)) == len(all_tasks) == 519
-  assert len(set(all_mixtures)) == len(all_mixtures) == 156
+  assert len(set(all_tasks)) == len(all_tasks) == 537
+  assert len(set(all_mixtures)) == len(all_mixtures) == 194
   assert set(all_tasks) <= set(seqio.TaskRegistry.names())
   assert set(all_mixtures) <= set(seqio.MixtureRegistry.names())
 
@@ -45,12 +46,16 @@ def test_original_names_exist():
                "glue_mnli_matched_v200_mt5", "taskless_super_glue_boolq_v102_byt5",
                "super_glue_wsc_v102_simple_train", "taskless_super_glue_wsc_v102_simple_eval",
                "glue_mrpc_from_qqp_v200", "taskless_glue_qqp_from_mrpc_v200_examples",
-               "squad_v010_allanswers_examples", "mrqa_textbookqa_v100", "mrqa_bioasq_v100_mt5"]:
+               "squad_v010_allanswers_examples", "mrqa_textbookqa_v100", "mrqa_bioasq_v100_mt5",
+               "dpr_v001_simple", "taskless_dpr_v001_simple_examples",
+               "task_index_dpr_v001_simple_examples_mt5"]:
     assert name in seqio.TaskRegistry.names(), name
   for name in ["taskless_glue_mnli_and_dev_v200", "task_index_super_glue_v102_proportional",
                "taskless_super_glue_wsc_and_dev_v102_simple_examples",
                "taskless_glue_mrpc_from_qqp_zeroshot_v200", "squad_to_mrqa", "squad_to_drop_byt5",
-               "glue_v200_proportional"]:
+               "glue_v200_proportional", "wsc_dpr_simple_proportional",
+               "task_index_super_glue_v102_examples_proportional",
+               "task_index_super_glue_with_dpr_v102_examples_proportional"]:
     assert name in seqio.MixtureRegistry.names(), name
 
 
@@ -97,6 +102,9 @@ def test_class_labels():
       "commonsense", "reasoning", "reading", "comprehension")
   assert tasks.class_labels("taskless_super_glue_wsc_and_dev_v102_simple") == (
       "commonsense", "pronoun", "resolution")
+  # DPR is WSC's task in WSC's format.
+  for name in ("dpr", "taskless_dpr_v001_simple", "wsc_dpr_simple_proportional"):
+    assert tasks.class_labels(name) == ("commonsense", "pronoun", "resolution"), name
   # Zero-shot transfer: the prompt learns the source's words.
   assert tasks.class_labels("glue_mrpc_from_qqp_zeroshot_v200") == ("not_duplicate", "duplicate")
   assert tasks.class_labels("squad_to_mrqa") == ()
