@@ -27,6 +27,29 @@ import gin
 from gin import config_parser
 
 
+def _tolerate_namespace_packages() -> None:
+  """gin looks up `include 'runs/x.gin'` also as a file of the Python package `runs`; when the
+  working directory holds a plain `runs/` folder (a namespace package, no `__file__`), gin's
+  check raises TypeError instead of answering no, and every include of our `runs/` files fails.
+  Wrap that check (gin keeps its readers in a private list; nothing public replaces one)."""
+  from gin import resource_reader
+  original = resource_reader.system_path_file_exists
+
+  def exists(path):
+    try:
+      return original(path)
+    except (TypeError, ValueError, ImportError):
+      return False
+
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, check) in enumerate(readers):
+    if check is original:
+      readers[i] = (reader, exists)
+
+
+_tolerate_namespace_packages()
+
+
 def project_gin_dir() -> pathlib.Path:
   """The project's gin/ folder: the checkout's, or the copy installed as `prompt_tuning.gin`."""
   repo = pathlib.Path(__file__).resolve().parents[1] / "gin"

@@ -182,3 +182,15 @@ def test_eval_and_infer_refuse_a_limit_of_zero_or_less(tmp_path, main, run_file,
                                        f"{value}"):
     main(flags)
   assert not out.exists()
+
+
+def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
+  """`make demo` writes ./runs/demo; gin then saw a namespace package `runs` and every
+  `include 'runs/...'` failed with a TypeError from inside gin."""
+  from prompt_tuning import gin_utils
+  (tmp_path / "runs" / "demo").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  top = tmp_path / "top.gin"
+  top.write_text("include 'runs/prompt_finetune.gin'\n")
+  gin_utils.parse([str(top)], [])
