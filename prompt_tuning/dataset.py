@@ -91,6 +91,21 @@ def get_mixture_or_task(name: str, module=None) -> seqio.Task | seqio.Mixture:
                      "`python -m prompt_tuning.scripts.show_tasks`.") from None
 
 
+def class_labels(task_name: str | None, module=None) -> list[str] | None:
+  """The task's class labels as its registration recorded them (None: it has none).
+
+  An unknown task is an error that suggests close names (not "no labels": the fix differs).
+  """
+  if not task_name:
+    return None
+  get_mixture_or_task(task_name, module)
+  from prompt_tuning.data import registry
+  try:
+    return list(registry.class_labels(task_name)) or None
+  except KeyError:  # the registry has no labels for this task: the caller says what to set
+    return None
+
+
 def host_shard() -> seqio.ShardInfo:
   return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 

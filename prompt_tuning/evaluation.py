@@ -194,8 +194,7 @@ def task_decoding_config(cfg: decoding_lib.DecodingConfig | None, task_name: str
   cfg = cfg or decoding_lib.DecodingConfig(
       max_decode_length=dataset_cfg.task_feature_lengths["targets"])
   if cfg.method == "rank_classification" and cfg.candidate_targets is None:
-    from prompt_tuning import trainer  # the task library's label registry
-    labels = trainer.default_class_labels(task_name, dataset_cfg.module)
+    labels = dataset_lib.class_labels(task_name, dataset_cfg.module)
     if not labels:
       raise ValueError(
           f"Rank classification of {task_name!r} needs candidate targets and the task library "

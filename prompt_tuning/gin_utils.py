@@ -62,6 +62,85 @@ def project_gin_dir() -> pathlib.Path:
                           "reinstall with `pip install .` from the repository")
 
 
+# ------------------------------------------------------------------------------------------------
+# A model gin file on its own (scripts, tests): `MODEL_CONFIG` without touching the run's gin state
+
+def gin_search_paths(gin_file: str | os.PathLike | None = None) -> list[str]:
+  """Folders that gin `include` statements are resolved against, most likely first.
+
+  Our gin files include each other as `models/t5_1_1_base.gin`, relative to the top-level `gin/`
+  folder (installed as the package `prompt_tuning.gin`); a user's own model file may also include
+  files next to it.
+  """
+  paths = [str(project_gin_dir())]
+  if gin_file is not None:
+    here = pathlib.Path(gin_file).resolve().parent
+    paths += [str(here.parent), str(here)]
+  return list(dict.fromkeys(paths))
+
+
+def config_from_gin(path, macro: str = "MODEL_CONFIG") -> T5Config | None:
+  """Evaluates the `MODEL_CONFIG` macro of a gin model file, leaving the caller's gin state intact.
+
+  gin has one global configuration. To parse in isolation we save its bindings, clear them,
+  parse and evaluate the file, and restore the saved bindings (and search paths) afterwards, so a
+  training script that already parsed its own gin files is unaffected. `MODEL_CONFIG = None`
+  (models/from_checkpoint.gin) gives None: the checkpoint's own config is used.
+  """
+  from gin import config as gin_config
+  from prompt_tuning.config import T5Config
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"gin model file {path} not found")
+  saved = _save_gin_state(gin_config)
+  try:
+    gin.clear_config()
+    # Our folders first: gin logs an error for every prefix that misses.
+    prefixes = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access
+    prefixes[:] = gin_search_paths(path) + [""]
+    with gin.unlock_config():
+      gin.parse_config_file(path)
+    try:
+      value = gin.query_parameter(f"{macro}/macro.value")
+    except ValueError as e:
+      raise ValueError(f"{path} does not set {macro} (expected `{macro} = @config.T5Config()`)"
+                       ) from e
+    if isinstance(value, gin_config.ConfigurableReference):
+      value = value.scoped_configurable_fn()
+    if value is not None and not isinstance(value, T5Config):
+      raise ValueError(f"{path}: {macro} must evaluate to a prompt_tuning.config.T5Config, got "
+                       f"{value!r}")
+    return value
+  finally:
+    gin.clear_config()
+    _restore_gin_state(gin_config, saved)
+
+
+# pylint: disable=protected-access
+def _save_gin_state(gin_config):
+  return dict(config={k: dict(v) for k, v in gin_config._CONFIG.items()},
+              imports=set(gin_config._IMPORTS),
+              operative={k: dict(v) for k, v in gin_config._OPERATIVE_CONFIG.items()},
+              singletons=dict(gin_config._SINGLETONS),
+              prefixes=list(gin_config._LOCATION_PREFIXES),
+              locked=gin_config.config_is_locked())
+
+
+def _restore_gin_state(gin_config, saved) -> None:
+  gin_config._CONFIG.clear()
+  gin_config._CONFIG.update(saved["config"])
+  gin_config._IMPORTS.clear()
+  gin_config._IMPORTS.update(saved["imports"])
+  with gin_config._OPERATIVE_CONFIG_LOCK:
+    gin_config._OPERATIVE_CONFIG.clear()
+    gin_config._OPERATIVE_CONFIG.update(saved["operative"])
+  gin_config._SINGLETONS.clear()
+  gin_config._SINGLETONS.update(saved["singletons"])
+  gin_config._LOCATION_PREFIXES[:] = saved["prefixes"]
+  gin_config._set_config_is_locked(saved["locked"])
+# pylint: enable=protected-access
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--gin_file", action="append", default=[],
                       help="Gin file to load (repeatable; later files win). Relative paths are "

@@ -5,10 +5,11 @@ Usage:
   from prompt_tuning import pretrained
   # An HF folder (config.json + model.safetensors / sharded / pytorch_model.bin):
   model, params = pretrained.load_pretrained("/ckpt/t5-v1_1-base")
-  # A public T5X checkpoint. T5X records no architecture: name it (gin file, T5Config, HF dict).
+  # A public T5X checkpoint. T5X records no architecture: name it (T5Config or HF dict; a model
+  # gin file through gin_utils.config_from_gin("gin/models/t5_1_1_lm100k_base.gin")).
   model, params = pretrained.load_pretrained(
       "gs://t5-data/pretrained_models/t5x/t5_1_1_lm100k_base/checkpoint_1100000",
-      config="gin/models/t5_1_1_lm100k_base.gin", dtype=jnp.bfloat16)
+      config=T5Config(...), dtype=jnp.bfloat16)
   pretrained.save_pretrained("/ckpt/mine", model, params)  # orbax `params/` + `t5_config.json`
   pretrained.export_hf("/ckpt/mine_hf", model.config, params)  # loads with transformers
 
@@ -19,7 +20,7 @@ mis-shaped parameters are reported together in one ValueError.
 
 Checkpoints come from strangers (DESIGN.md, "Security of what we load"): nothing is unpickled
 (`torch.load(weights_only=True)` only), and the tensorstore specs inside a T5X msgpack may only
-name folders inside the checkpoint folder.
+name folders inside the checkpoint folder (`safe_io`).
 """
 from __future__ import annotations
 
@@ -156,99 +157,26 @@ def resolve_config(config) -> T5Config | None:
   if isinstance(config, (str, os.PathLike)):
     text = os.fspath(config)
     if text.endswith(".gin"):
-      return config_from_gin(text)
+      # Gin is parsed at the edges (entry points, scripts), never inside the loader.
+      raise ValueError(f"config={text!r} is a gin file: parse it first with "
+                       "prompt_tuning.gin_utils.config_from_gin(path) and pass the T5Config")
     if text.endswith(".json"):
       with open(text, encoding="utf-8") as f:
         d = json.load(f)
       return T5Config.from_hf_dict(d) if "num_layers" in d else T5Config.from_dict(d)
-    raise ValueError(f"config={text!r}: expected a .gin model file (gin/models/*.gin) or a .json "
-                     "config file")
-  raise TypeError(f"config must be a T5Config, a gin/JSON file path or an HF config dict, got "
+    raise ValueError(f"config={text!r}: expected a .json config file")
+  raise TypeError(f"config must be a T5Config, a JSON file path or an HF config dict, got "
                   f"{type(config).__name__}")
 
 
-def gin_search_paths(gin_file: str | os.PathLike | None = None) -> list[str]:
-  """Folders that gin `include` statements are resolved against, most likely first.
-
-  Our gin files include each other as `models/t5_1_1_base.gin`, relative to the top-level `gin/`
-  folder (installed as the package `prompt_tuning.gin`); a user's own model file may also include
-  files next to it.
-  """
-  from prompt_tuning import gin_utils
-  paths = [str(gin_utils.project_gin_dir())]
-  if gin_file is not None:
-    here = pathlib.Path(gin_file).resolve().parent
-    paths += [str(here.parent), str(here)]
-  return list(dict.fromkeys(paths))
-
-
-def config_from_gin(path, macro: str = "MODEL_CONFIG") -> T5Config | None:
-  """Evaluates the `MODEL_CONFIG` macro of a gin model file, leaving the caller's gin state intact.
-
-  gin has one global configuration. To parse in isolation we save its bindings, clear them,
-  parse and evaluate the file, and restore the saved bindings (and search paths) afterwards, so a
-  training script that already parsed its own gin files is unaffected. `MODEL_CONFIG = None`
-  (models/from_checkpoint.gin) gives None: the checkpoint's own config is used.
-  """
-  import gin
-  from gin import config as gin_config
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"gin model file {path} not found")
-  saved = _save_gin_state(gin_config)
-  try:
-    gin.clear_config()
-    # Our folders first: gin logs an error for every prefix that misses.
-    prefixes = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access
-    prefixes[:] = gin_search_paths(path) + [""]
-    with gin.unlock_config():
-      gin.parse_config_file(path)
-    try:
-      value = gin.query_parameter(f"{macro}/macro.value")
-    except ValueError as e:
-      raise ValueError(f"{path} does not set {macro} (expected `{macro} = @config.T5Config()`)"
-                       ) from e
-    if isinstance(value, gin_config.ConfigurableReference):
-      value = value.scoped_configurable_fn()
-    if value is not None and not isinstance(value, T5Config):
-      raise ValueError(f"{path}: {macro} must evaluate to a prompt_tuning.config.T5Config, got "
-                       f"{value!r}")
-    return value
-  finally:
-    gin.clear_config()
-    _restore_gin_state(gin_config, saved)
-
-
-# pylint: disable=protected-access
-def _save_gin_state(gin_config):
-  return dict(config={k: dict(v) for k, v in gin_config._CONFIG.items()},
-              imports=set(gin_config._IMPORTS),
-              operative={k: dict(v) for k, v in gin_config._OPERATIVE_CONFIG.items()},
-              singletons=dict(gin_config._SINGLETONS),
-              prefixes=list(gin_config._LOCATION_PREFIXES),
-              locked=gin_config.config_is_locked())
-
-
-def _restore_gin_state(gin_config, saved) -> None:
-  gin_config._CONFIG.clear()
-  gin_config._CONFIG.update(saved["config"])
-  gin_config._IMPORTS.clear()
-  gin_config._IMPORTS.update(saved["imports"])
-  with gin_config._OPERATIVE_CONFIG_LOCK:
-    gin_config._OPERATIVE_CONFIG.clear()
-    gin_config._OPERATIVE_CONFIG.update(saved["operative"])
-  gin_config._SINGLETONS.clear()
-  gin_config._SINGLETONS.update(saved["singletons"])
-  gin_config._LOCATION_PREFIXES[:] = saved["prefixes"]
-  gin_config._set_config_is_locked(saved["locked"])
-# pylint: enable=protected-access
 
 
 def _require_config(config: T5Config | None, location: str, what: str) -> T5Config:
   if config is None:
-    raise ValueError(f"{location} is {what}, which does not record its architecture: pass "
-                     "config= (a gin model file such as gin/models/t5_1_1_lm100k_base.gin, a "
-                     "T5Config, or an HF config dict)")
+    raise ValueError(f"{location} is {what}, which does not record its architecture: name it "
+                     "with the matching model gin file, e.g. --gin_file=models/"
+                     "t5_1_1_lm100k_base.gin instead of models/from_checkpoint.gin (scripts: "
+                     "--model_gin; Python: load_pretrained(path, config=T5Config(...)))")
   return config
 
 
@@ -438,7 +366,8 @@ def _load_hf(folder: str, user_config: T5Config | None):
   elif hf_config:
     config = T5Config.from_hf_dict(hf_config, has_lm_head=separate_head)
   else:
-    raise ValueError(f"{folder} has no {HF_CONFIG}: pass config=")
+    raise ValueError(f"{folder} has no {HF_CONFIG}: add the model's config.json, or name the "
+                     "architecture with its gin file, e.g. --gin_file=models/t5_1_1_base.gin")
   unknown = []
   if config.tie_word_embeddings:
     if separate_head:

@@ -130,25 +130,6 @@ def _targets_vocabulary(task_name: str | None, module=None):
   return tasks[0].output_features["targets"].vocabulary
 
 
-def default_class_labels(task_name: str | None, module=None) -> list[str] | None:
-  """The task's class labels, from the task library's registry, if it has them.
-
-  An unknown task is an error that suggests close names (not "no labels": the fix differs).
-  """
-  if not task_name:
-    return None
-  dataset_lib.get_mixture_or_task(task_name, module)
-  try:
-    import tasks as tasks_lib  # the project's task library
-  except ImportError:
-    return None
-  fn = getattr(tasks_lib, "class_labels", None)
-  try:
-    return list(fn(task_name)) if fn is not None else None
-  except KeyError:  # the registry has no labels for this task: the caller says what to set
-    return None
-
-
 @jax.jit
 def _nonfinite_counts(leaves) -> jax.Array:
   return jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
@@ -241,7 +222,7 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
     embedding = np.asarray(params["token_embedder"]["embedding"], np.float32)
     labels = prompt_init.labels
     if prompt_init.kind == "class_labels" and not labels:
-      labels = default_class_labels(task_name, task_module)
+      labels = dataset_lib.class_labels(task_name, task_module)
       if not labels:
         raise ValueError(f"Class-label initialisation needs labels: set CLASS_LABELS (task "
                          f"{task_name!r} has no default class labels)")

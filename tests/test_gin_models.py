@@ -5,6 +5,7 @@ import pathlib
 import gin
 import pytest
 
+from prompt_tuning import gin_utils
 from prompt_tuning import pretrained
 from prompt_tuning.config import PRESETS, T5Config
 from tests.conftest import fixture_path
@@ -29,7 +30,7 @@ def fresh_gin():
 def _parse(path):
   """Parses one model file in the current gin scope; returns the values of the macros it sets."""
   with gin.unlock_config():
-    for search_path in pretrained.gin_search_paths(path):
+    for search_path in gin_utils.gin_search_paths(path):
       gin.add_config_file_search_path(search_path)
     gin.parse_config_file(str(path))
   macros = {}
@@ -86,7 +87,7 @@ def test_model_file(fresh_gin, name):
 def test_config_from_gin_keeps_the_callers_gin_state(fresh_gin):
   """config_from_gin parses in isolation: bindings made before it survive, none leak out."""
   gin.parse_config("DROPOUT_RATE = 0.3\nMY_MACRO = 'kept'")
-  cfg = pretrained.config_from_gin(MODELS / "t5_1_1_lm100k_base.gin")
+  cfg = gin_utils.config_from_gin(MODELS / "t5_1_1_lm100k_base.gin")
   assert cfg == PRESETS["t5_1_1_base"] and cfg.dropout_rate == 0.0
   assert gin.query_parameter("MY_MACRO/macro.value") == "kept"
   assert gin.query_parameter("DROPOUT_RATE/macro.value") == 0.3
@@ -98,7 +99,7 @@ def test_later_macros_override_model_defaults(fresh_gin, tmp_path):
   run = tmp_path / "run.gin"
   run.write_text(f"include '{MODELS / 't5_1_1_small.gin'}'\nDROPOUT_RATE = 0.1\n"
                  "ACTIVATION_DTYPE = 'bfloat16'\n")
-  cfg = pretrained.config_from_gin(run)
+  cfg = gin_utils.config_from_gin(run)
   assert cfg == PRESETS["t5_1_1_small"].replace(dropout_rate=0.1, dtype="bfloat16")
 
 
@@ -122,7 +123,7 @@ config.T5Config:
   relative_attention_max_distance = 8
 """)
   model, params = pretrained.load_pretrained(fixture_path("t5x_tiny", "checkpoint_3"),
-                                             config=str(gin_file))
+                                             config=gin_utils.config_from_gin(gin_file))
   assert model.config.d_model == 4
   assert params["decoder"]["logits_dense"]["kernel"].shape == (4, 32128)
 
@@ -131,4 +132,4 @@ def test_config_from_gin_without_model_config(fresh_gin, tmp_path):
   gin_file = tmp_path / "empty.gin"
   gin_file.write_text("OTHER = 1\n")
   with pytest.raises(ValueError, match="MODEL_CONFIG"):
-    pretrained.config_from_gin(gin_file)
+    gin_utils.config_from_gin(gin_file)

@@ -155,7 +155,7 @@ def plan(args: argparse.Namespace) -> dict:
 
   data, model_parallel = parse_mesh(args.mesh)
   gin_file = gin_utils.resolve_gin_file(args.gin_file, [str(gin_utils.project_gin_dir())])
-  config = pretrained.config_from_gin(gin_file)
+  config = gin_utils.config_from_gin(gin_file)
   if config is None:
     raise ValueError(f"{gin_file} sets no MODEL_CONFIG; give a gin file with the architecture")
   config = config.replace(dropout_rate=0.0, scan_layers=args.scan, remat_policy=args.remat,

@@ -90,8 +90,10 @@ def load_embedding(*, checkpoint: str | None = None, embedding_npy: str | None =
       raise ValueError(f"{embedding_npy}: expected a float [vocab, d_model] table, found "
                        f"{table.dtype} {table.shape}")
     return table.astype(np.float32)
+  from prompt_tuning import gin_utils
   from prompt_tuning import pretrained
-  _, params = pretrained.load_pretrained(checkpoint, config=model_gin)
+  config = gin_utils.config_from_gin(model_gin) if model_gin else None
+  _, params = pretrained.load_pretrained(checkpoint, config=config)
   return np.asarray(params["token_embedder"]["embedding"], np.float32)
 
 
