@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 import uuid
 from typing import Iterator
@@ -91,9 +90,10 @@ def atomic_write(target: PathLike, data: str | bytes) -> epath.Path:
     target.write_bytes(data)  # one upload: GCS makes the object visible only once complete
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  # Not mkstemp: its 0600 mode would make results unreadable to the rest of a shared group.
+  tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
