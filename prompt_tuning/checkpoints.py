@@ -11,11 +11,13 @@ Layout of MODEL_DIR:
       original implementation's name (it np.save-d to a file object, so no `.npy`)
   numpy_checkpoints/backup_checkpoint_<step>_<time>/   an export replaced by a re-export
 
-orbax writes each step into a temporary folder and renames it into place when complete, so a
-crash mid-save never leaves a checkpoint that looks complete; restore takes the latest complete one.
-Numpy exports are likewise assembled in a temporary folder and renamed into place.
-The training run's Checkpointer (`cleanup_tmp=True`) deletes such leftover temporary folders when
-it starts. A non-finite prompt is never saved.
+MODEL_DIR may be a local folder or gs://bucket/run (all I/O through `prompt_tuning.storage`).
+Locally orbax writes each step into a temporary folder and renames it into place when complete;
+on object storage, which has no folder rename, it writes the step in place and marks it complete
+with `commit_success.txt` last. Either way a crash mid-save never leaves a checkpoint that looks
+complete, and restore takes the latest complete one. Numpy exports follow the same protocol
+(`storage.complete_folder`). The training run's Checkpointer (`cleanup_tmp=True`) deletes
+leftovers of an interrupted save when it starts. A non-finite prompt is never saved.
 
 Test hook: `PROMPT_TUNING_TEST_SLOW_SAVE=STEP:SECONDS` pauses the save of checkpoint STEP for
 SECONDS after its data are written and before orbax commits it, so a test can kill the process
@@ -27,9 +29,6 @@ import errno
 import json
 import logging
 import os
-import pathlib
-import shutil
-import socket
 import time
 from typing import Any
 
@@ -39,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from etils import epath
+
 from prompt_tuning import prompt_io
+from prompt_tuning import storage
 
 FORMAT_VERSION = 1
 SLOW_SAVE_ENV = "PROMPT_TUNING_TEST_SLOW_SAVE"
@@ -49,16 +51,21 @@ class NonFiniteCheckpointError(ValueError):
   """The trainable parameters hold NaN or Inf: saving them would overwrite good checkpoints."""
 
 
-class _SlowCommitPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-  """orbax's atomic-rename protocol with a pause before the rename (test hook, see above)."""
+def _slow_commit(base):
+  """orbax's commit protocol `base` with a pause before the commit (test hook, see above)."""
 
-  async def finalize(self, *args, **kwargs):
-    step, seconds = os.environ[SLOW_SAVE_ENV].split(":")
-    if self.get_final().name == step:
-      import asyncio
-      logging.warning("%s: pausing %s s before committing %s", SLOW_SAVE_ENV, seconds, self.get())
-      await asyncio.sleep(float(seconds))
-    return await super().finalize(*args, **kwargs)
+  class SlowCommit(base):
+
+    async def finalize(self, *args, **kwargs):
+      step, seconds = os.environ[SLOW_SAVE_ENV].split(":")
+      if self.get_final().name == step:
+        import asyncio
+        logging.warning("%s: pausing %s s before committing %s", SLOW_SAVE_ENV, seconds,
+                        self.get())
+        await asyncio.sleep(float(seconds))
+      return await super().finalize(*args, **kwargs)
+
+  return SlowCommit
 
 
 @jax.jit
@@ -78,17 +85,22 @@ class Checkpointer:
   def __init__(self, model_dir: str | os.PathLike, *, keep: int | None = 3,
                save_frozen: bool = False, cleanup_tmp: bool = False,
                subdir: str = "checkpoints", numpy_subdir: str = "numpy_checkpoints"):
-    self.model_dir = prompt_io.local_path(model_dir)
+    self.model_dir = storage.path(model_dir, "MODEL_DIR")
     self.directory = self.model_dir / subdir
     self.numpy_dir = self.model_dir / numpy_subdir
     self.save_frozen = save_frozen
     items = ("params", "state", "metadata") + (("frozen",) if save_frozen else ())
+    on_gcs = storage.is_object_storage(self.model_dir)
+    slow = None
+    if os.environ.get(SLOW_SAVE_ENV):
+      slow = _slow_commit(ocp.path.atomicity.CommitFileTemporaryPath if on_gcs
+                          else ocp.path.atomicity.AtomicRenameTemporaryPath)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=cleanup_tmp,
-        temporary_path_class=_SlowCommitPath if os.environ.get(SLOW_SAVE_ENV) else None)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
-                                         item_names=items)
+        cleanup_tmp_directories=cleanup_tmp, temporary_path_class=slow)
+    self.manager = ocp.CheckpointManager(
+        self.directory if on_gcs else self.directory.absolute(), options=options,
+        item_names=items)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -112,7 +124,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self._export_numpy(step, state.params)
 
-  def numpy_export_dir(self, step: int) -> pathlib.Path:
+  def numpy_export_dir(self, step: int) -> epath.Path:
     return self.numpy_dir / f"checkpoint_{int(step)}"
 
   def ensure_numpy_export(self, step: int, trainable: Any) -> None:
@@ -123,7 +135,8 @@ class Checkpointer:
     """
     names = _export_names(trainable)
     folder = self.numpy_export_dir(step)
-    missing = bool(names) and not all((folder / name).is_file() for name in names)
+    missing = bool(names) and not (storage.is_complete(folder) and
+                                   all((folder / name).is_file() for name in names))
     if jax.process_count() > 1:  # exporting gathers: every process must make process 0's choice
       from jax.experimental import multihost_utils
       missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
@@ -142,27 +155,10 @@ class Checkpointer:
     arrays = {path: partitioning.to_host(leaf) for path, leaf in
               flax.traverse_util.flatten_dict(trainable, sep=".").items()
               if path.startswith("encoder.prompt.")}
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 or not arrays:
       return
-    # Written under a temporary name and renamed, so the folder exists only when complete.
     out = self.numpy_export_dir(step)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-      for path, array in arrays.items():
-        tmp.mkdir(parents=True, exist_ok=True)
-        array = array.astype(np.float32)
-        for name in (f"{path}.npy", path):
-          if array.ndim == 2:
-            prompt_io.save_prompt_npy(tmp / name, array)
-          else:  # a prompt bank [N, P, D]
-            with open(tmp / name, "wb") as f:
-              np.save(f, array, allow_pickle=False)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    if not tmp.is_dir():
-      return
+    backup = None
     if out.exists():
       # A re-export of the same step (e.g. a rerun after a crash): keep the old one, as the
       # original did, under a name `checkpoint_*` globs do not pick up.
@@ -170,8 +166,17 @@ class Checkpointer:
       stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}_{now % 10**9:09d}"
       backup = _unused(out.with_name(f"backup_{out.name}_{stamp}"))
       logging.warning("%s exists already: moving it to %s", out, backup)
-      os.replace(out, backup)
-    os.replace(tmp, out)
+    # Complete or absent: a temporary folder renamed into place, or on object storage the
+    # files in place and a marker object last (`storage.complete_folder`).
+    with storage.complete_folder(out, backup=backup) as folder:
+      for path, array in arrays.items():
+        array = array.astype(np.float32)
+        for name in (f"{path}.npy", path):
+          if array.ndim == 2:
+            prompt_io.save_prompt_npy(folder / name, array)
+          else:  # a prompt bank [N, P, D]
+            with (folder / name).open("wb") as f:
+              np.save(f, array, allow_pickle=False)
 
   def restore(self, step: int, abstract_state: Any, abstract_frozen: Any = None):
     """Returns `(state tree dict, metadata, frozen or None)` restored onto the given shardings."""
@@ -205,9 +210,10 @@ class Checkpointer:
             "there is no earlier checkpoint, so the run then starts from the beginning")
     detail = " ".join(str(error).split())
     detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+    mv = "gcloud storage mv" if storage.is_object_storage(folder) else "mv"
     return (f"Checkpoint {folder} cannot be read: it is corrupted or incomplete (a disk error, "
             f"a copy cut short, an edited file). Move it out of the way, e.g. "
-            f"`mv {folder} {self.model_dir / f'corrupt_checkpoint_{int(step)}'}`; {then}. "
+            f"`{mv} {folder} {self.model_dir / f'corrupt_checkpoint_{int(step)}'}`; {then}. "
             f"(available checkpoints: {self.all_steps()}; error: {detail})")
 
   def read_metadata(self, step: int) -> dict:
@@ -228,7 +234,7 @@ def _export_names(trainable: Any) -> list[str]:
   return [name for path in paths for name in (f"{path}.npy", path)]
 
 
-def _unused(path: pathlib.Path) -> pathlib.Path:
+def _unused(path: epath.Path) -> epath.Path:
   candidate, n = path, 1
   while candidate.exists():
     candidate, n = path.with_name(f"{path.name}.{n}"), n + 1
@@ -240,24 +246,8 @@ def _state_tree(state) -> dict:
 
 
 def check_writable(model_dir: str | os.PathLike) -> None:
-  """Fails early (before hours of compute) if MODEL_DIR cannot be written; creates nothing.
+  """Fails early (before hours of compute) if MODEL_DIR (local or gs://) cannot be written.
 
-  A MODEL_DIR that does not exist yet is probed in its deepest existing parent (creating the folder
-  there needs the same permission as the probe file), so a run that stops before it writes
-  anything leaves no empty folder behind; the checkpointer creates MODEL_DIR.
+  Creates nothing (see `storage.check_run_folder`): the checkpointer creates MODEL_DIR.
   """
-  path = prompt_io.local_path(model_dir)
-  try:
-    folder = path.absolute()
-    while not folder.exists() and folder != folder.parent:
-      folder = folder.parent
-    if not folder.is_dir():
-      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
-    # One probe per process: the hosts of a multi-host run check the same folder at once.
-    probe = folder / f".write_test.{socket.gethostname()}.{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink(missing_ok=True)
-  except OSError as e:
-    raise ValueError(f"MODEL_DIR {str(path)!r} is not writable ({e.strerror}); choose a folder "
-                     "you can write to with --gin.MODEL_DIR=\"'/path/to/run'\"") from e
-  logging.info("Writing to %s", path)
+  storage.check_run_folder(model_dir, "MODEL_DIR")

@@ -38,6 +38,7 @@ from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
 from prompt_tuning import prompt_io
+from prompt_tuning import storage
 from prompt_tuning import trainer
 from prompt_tuning.config import T5Config
 from prompt_tuning.model import T5
@@ -318,7 +319,7 @@ def evaluate_ensemble(*, dataset: dataset_lib.DatasetConfig, prompt_files: Seque
       PROMPT_FILES=prompt_files, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
       INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
   trainer.check_positive(("EVAL_MAX_EXAMPLES",), EVAL_MAX_EXAMPLES=max_examples)
-  out_dir = prompt_io.local_path(output_dir, "OUTPUT_DIR") if output_dir else None
+  out_dir = storage.check_run_folder(output_dir, "OUTPUT_DIR") if output_dir else None
   setup, params = load_bank_setup(
       prompt_files=prompt_files, initial_checkpoint_path=initial_checkpoint_path,
       model_config=model_config, combine=combine, partition=partition,
@@ -392,7 +393,7 @@ def infer_mixed(*, dataset: dataset_lib.DatasetConfig, prompt_files: Sequence[st
       PROMPT_FILES=prompt_files, INITIAL_CHECKPOINT_PATH=initial_checkpoint_path,
       INFER_OUTPUT_DIR=output_dir)
   trainer.check_positive(("INFER_MAX_EXAMPLES",), INFER_MAX_EXAMPLES=max_examples)
-  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
+  out_dir = storage.check_run_folder(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   if not tasks:
     if not dataset.mixture_or_task_name:
       raise ValueError("Name the tasks: TASKS = ['task_a', 'task_b'] (one per prompt file), or "

@@ -24,6 +24,7 @@ name folders inside the checkpoint folder (`safe_io`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -77,16 +78,16 @@ def load_pretrained(path, config=None, dtype=jnp.float32) -> tuple[T5, Params]:
   user_config = resolve_config(config)
   kind, location = detect_format(path)
   if kind == "hf":
-    config, flat, unknown = _load_hf(location, user_config)
+    with _local_hf_folder(location) as folder:
+      config, flat, unknown = _load_hf(folder, user_config)
   elif kind == "t5x":
     config = _require_config(user_config, location, "a T5X checkpoint")
     flat, unknown = _load_t5x_legacy(location, config), []
   elif kind == "ours":
     if user_config is None:
-      with open(os.path.join(location, OUR_CONFIG), encoding="utf-8") as f:
-        user_config = T5Config.from_dict(json.load(f))
+      user_config = T5Config.from_dict(json.loads(_read_bytes(_join(location, OUR_CONFIG))))
     config = user_config
-    flat, unknown = _load_orbax(os.path.join(location, OUR_PARAMS), config), []
+    flat, unknown = _load_orbax(_join(location, OUR_PARAMS), config), []
   else:  # generic orbax
     config = _require_config(user_config, location, "an orbax checkpoint")
     flat, unknown = _load_orbax(location, config), []
@@ -187,12 +188,17 @@ def _require_config(config: T5Config | None, location: str, what: str) -> T5Conf
 def detect_format(path: str) -> tuple[str, str]:
   """`(kind, location)`: kind is "hf", "t5x" (legacy msgpack), "ours" or "orbax"."""
   if path.startswith("gs://"):
-    # No listing on GCS without extra dependencies: a path ending in `checkpoint` or a
-    # `checkpoint_N` folder holding one is T5X legacy, anything else is handed to orbax.
+    # A path ending in `checkpoint` or a `checkpoint_N` folder holding one is T5X legacy; a
+    # folder listing HF weights is HF, one with ours is ours; anything else goes to orbax.
     if posixpath.basename(path.rstrip("/")) == T5X_MSGPACK:
       return "t5x", posixpath.dirname(path.rstrip("/"))
     if _read_bytes(posixpath.join(path, T5X_MSGPACK), missing_ok=True) is not None:
       return "t5x", path.rstrip("/")
+    names = _gcs_names(path)
+    if names & {HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HF_TORCH, HF_TORCH_INDEX}:
+      return "hf", path
+    if OUR_CONFIG in names and OUR_PARAMS in names:
+      return "ours", path
     return "orbax", path
   path = os.path.abspath(path)
   if os.path.isfile(path):
@@ -224,6 +230,32 @@ def detect_format(path: str) -> tuple[str, str]:
   raise ValueError(f"{path} holds no checkpoint we can read: expected an HF folder "
                    f"({HF_CONFIG} + {HF_SAFETENSORS} or {HF_TORCH}), a T5X checkpoint_N folder "
                    f"(`{T5X_MSGPACK}` msgpack), an orbax checkpoint, or a folder of checkpoint_N")
+
+
+def _gcs_names(url: str) -> set[str]:
+  """The names in a gs:// folder (TensorFlow's GCS client, as for run folders); none if unlisted."""
+  from prompt_tuning import storage
+  try:
+    return {p.name for p in storage.path(url).iterdir()}
+  except Exception:  # pylint: disable=broad-except  (no listing: orbax reports what is wrong)
+    return set()
+
+
+@contextlib.contextmanager
+def _local_hf_folder(folder: str):
+  """`folder`, or for gs:// a temporary local copy of its top-level weight and JSON files
+  (safetensors and torch read local files)."""
+  if not folder.startswith("gs://"):
+    yield folder
+    return
+  from prompt_tuning import storage
+  with tempfile.TemporaryDirectory(prefix="hf_checkpoint_") as local:
+    for p in storage.path(folder).iterdir():
+      if p.suffix in (".json", ".safetensors", ".bin") and not p.is_dir():
+        logging.info("Copying %s to %s", p, local)
+        with p.open("rb") as src, open(os.path.join(local, p.name), "wb") as dst:
+          shutil.copyfileobj(src, dst, 1 << 24)
+    yield local
 
 
 def _is_orbax_tree(path: str) -> bool:

@@ -3,8 +3,10 @@
 Every reader returns a float32 `prompt_PxD` and validates at the boundary: files come from
 strangers, so nothing here unpickles (`np.load(allow_pickle=False)`; safetensors, torch `.bin`
 and T5X tensorstore specs through `safe_io`, the one copy of those readers and of the rule that
-array paths stay inside their checkpoint folder). Every writer goes through a temporary name and a rename, so a crash never leaves a
-half-written file that looks complete.
+array paths stay inside their checkpoint folder). Writers go through `prompt_tuning.storage`
+(local paths or gs://): a temporary name and a rename locally, a single upload or a folder with a
+completion marker on object storage, so a crash never leaves a half-written file that looks
+complete. Readers take gs:// paths too.
 
 Formats (see DESIGN.md, "Prompt export for other frameworks"):
 - `.npy`, or an extension-less file written by `np.save(file_object, ...)` (the original
@@ -20,18 +22,20 @@ Formats (see DESIGN.md, "Prompt export for other frameworks"):
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import pathlib
-import re
-import shutil
 import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 from prompt_tuning import safe_io
+from prompt_tuning import storage
 
 NPY_MAGIC = b"\x93NUMPY"
 PEFT_CONFIG = "adapter_config.json"
@@ -48,27 +52,6 @@ _MAX_SAFETENSORS_HEADER = 1 << 24
 PathLike = str | os.PathLike
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def local_path(path: PathLike, flag: str = "MODEL_DIR") -> pathlib.Path:
-  """`path` as a local path; a URL (gs://, s3://, ...) is refused with the fix.
-
-  Run folders (checkpoints, summaries, exports, input pipeline states) are written and read
-  through the local file system. `pathlib` would turn `gs://bucket/run` into a local folder
-  `gs:/bucket/run` and a run would silently write there, or eval would find no checkpoint and
-  evaluate a fresh prompt. Frozen checkpoints (INITIAL_CHECKPOINT_PATH) may still be `gs://`.
-  """
-  text = os.fspath(path)
-  if _URL.match(text):
-    raise ValueError(
-        f"{flag} {text!r} is a URL, but run folders are read and written through the local file "
-        "system. Mount the bucket (for gs://, e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) "
-        "and pass the mounted path, e.g. " + (f"{flag} /mnt/BUCKET/run" if flag.startswith("-")
-                                              else f"--gin.{flag}=\"'/mnt/BUCKET/run'\"") + ".")
-  return pathlib.Path(text)
-
-
 class PromptFileError(ValueError):
   """A prompt file is missing, malformed, unsafe, or of the wrong shape."""
 
@@ -80,7 +63,7 @@ def load_prompt(path: PathLike, *, expected_shape: Sequence[int] | None = None) 
 
   `expected_shape` (P, D), when given, must match exactly; the error says which knob to turn.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path, "PROMPT_FILE")
   if path.is_dir():
     prompt = _load_peft_dir(path)
   elif path.is_file():
@@ -132,8 +115,8 @@ def _is_float(dtype: np.dtype) -> bool:
   return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
-def _load_file(path: pathlib.Path) -> np.ndarray:
-  with open(path, "rb") as f:
+def _load_file(path: epath.Path) -> np.ndarray:
+  with path.open("rb") as f:
     head = f.read(8)
   if head.startswith(NPY_MAGIC):
     return _load_npy(path)
@@ -150,15 +133,15 @@ def _load_file(path: pathlib.Path) -> np.ndarray:
                         "folder); pickle files are never loaded")
 
 
-def _load_npy(path: pathlib.Path) -> np.ndarray:
+def _load_npy(path: epath.Path) -> np.ndarray:
   try:
-    return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
   except (ValueError, EOFError, OSError) as e:
     raise PromptFileError(f"{path}: refused to load ({e}); prompt files must hold a plain "
                           "float array, and pickled objects are never loaded") from None
 
 
-def _load_peft_dir(path: pathlib.Path) -> np.ndarray:
+def _load_peft_dir(path: epath.Path) -> np.ndarray:
   config_path = path / PEFT_CONFIG
   if not config_path.is_file():
     raise PromptFileError(f"{path} is a folder without {PEFT_CONFIG}: expected a PEFT "
@@ -176,7 +159,7 @@ def _load_peft_dir(path: pathlib.Path) -> np.ndarray:
   return _from_weights(tensors, weights_path, config)
 
 
-def _from_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
+def _from_weights(tensors: dict[str, np.ndarray], path: epath.Path,
                   config: dict | None = None) -> np.ndarray:
   """The prompt in a weights file; a PEFT config (given, or beside `adapter_model.*`) gives P."""
   sibling = path.parent / PEFT_CONFIG
@@ -192,7 +175,7 @@ def _from_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
   return _peft_rows(embeddings, config, path)
 
 
-def _read_peft_config(config_path: pathlib.Path) -> dict:
+def _read_peft_config(config_path: epath.Path) -> dict:
   try:
     config = json.loads(config_path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -253,24 +236,48 @@ def _pick_tensor(tensors: dict[str, np.ndarray], source) -> np.ndarray:
                         f"tensor), found {sorted(tensors)}")
 
 
-def _looks_like_safetensors(head: bytes, path: pathlib.Path) -> bool:
+def _size(f) -> int:
+  """The size of an open file (a local file or a GCS object)."""
+  f.seek(0, 2)
+  size = f.tell()
+  f.seek(0)
+  return size
+
+
+def _looks_like_safetensors(head: bytes, path: epath.Path) -> bool:
   if len(head) < 8:
     return False
   n = int.from_bytes(head, "little")
-  if not 2 <= n <= _MAX_SAFETENSORS_HEADER or n + 8 > path.stat().st_size:
-    return False
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
+    if not 2 <= n <= _MAX_SAFETENSORS_HEADER or n + 8 > _size(f):
+      return False
     f.seek(8)
     return f.read(1) == b"{"
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  return _floats(safe_io.read_safetensors(path, error=PromptFileError), path)
+@contextlib.contextmanager
+def _local(path):
+  """A local file with `path`'s bytes: the file itself, or a temporary copy of a gs:// object
+  (the safetensors and torch readers read local files)."""
+  if not storage.is_object_storage(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, pathlib.PurePosixPath(os.fspath(path)).name)
+    with open(local, "wb") as f:
+      f.write(storage.path(path).read_bytes())
+    yield local
 
 
-def _read_torch_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
-  return _floats(safe_io.read_torch_weights(path, bare_tensor_name=PEFT_TENSOR,
-                                            error=PromptFileError), path)
+def _read_safetensors(path) -> dict[str, np.ndarray]:
+  with _local(path) as local:
+    return _floats(safe_io.read_safetensors(local, error=PromptFileError), path)
+
+
+def _read_torch_weights(path) -> dict[str, np.ndarray]:
+  with _local(path) as local:
+    return _floats(safe_io.read_torch_weights(local, bare_tensor_name=PEFT_TENSOR,
+                                              error=PromptFileError), path)
 
 
 def _floats(tensors: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
@@ -351,22 +358,12 @@ def _read_tensorstore(spec: dict, checkpoint_dir: pathlib.Path, source: str) -> 
 
 # ----- writing -----
 
-def save_prompt_npy(path: PathLike, prompt_PxD: Any) -> pathlib.Path:
-  """Writes float32 `[P, D]` to exactly `path` (no `.npy` added) via a temp file + rename."""
-  path = pathlib.Path(path)
+def save_prompt_npy(path: PathLike, prompt_PxD: Any):
+  """Writes float32 `[P, D]` to exactly `path` (no `.npy` added), atomically (local or gs://)."""
   prompt_PxD = as_prompt(prompt_PxD)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, prompt_PxD, allow_pickle=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    _remove_quietly(tmp)
-    raise
-  return path
+  data = io.BytesIO()
+  np.save(data, prompt_PxD, allow_pickle=False)
+  return storage.atomic_write(path, data.getvalue())
 
 
 def peft_adapter_config(prompt_PxD: np.ndarray, *, base_model_name_or_path: str | None,
@@ -400,15 +397,15 @@ def peft_adapter_config(prompt_PxD: np.ndarray, *, base_model_name_or_path: str 
 def export_peft_adapter(out_dir: PathLike, prompt_PxD: Any, *, base_model_name_or_path: str,
                         num_layers: int, num_attention_heads: int, token_dim: int | None = None,
                         tokenizer_name_or_path: str | None = None,
-                        overwrite: bool = False) -> pathlib.Path:
+                        overwrite: bool = False):
   """Writes a HF PEFT prompt-tuning adapter folder; loads with `PeftModel.from_pretrained`.
 
-  The folder is assembled under a temporary name and renamed into place. An existing `out_dir`
-  is replaced only with `overwrite=True`.
+  The folder appears complete or not at all (`storage.complete_folder`: a rename locally, a
+  marker object on gs://). An existing `out_dir` is replaced only with `overwrite=True`.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.path(out_dir, "the adapter folder")
   prompt_PxD = as_prompt(prompt_PxD)
   if token_dim is not None and token_dim != prompt_PxD.shape[1]:
     raise ValueError(f"token_dim={token_dim} but the prompt has d_model {prompt_PxD.shape[1]}")
@@ -420,30 +417,9 @@ def export_peft_adapter(out_dir: PathLike, prompt_PxD: Any, *, base_model_name_o
   config = peft_adapter_config(prompt_PxD, base_model_name_or_path=base_model_name_or_path,
                                num_layers=num_layers, num_attention_heads=num_attention_heads,
                                tokenizer_name_or_path=tokenizer_name_or_path)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.",
-                                      suffix=".tmp"))
-  try:
-    (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                                   encoding="utf-8")
-    save_file({PEFT_TENSOR: np.ascontiguousarray(prompt_PxD)}, str(tmp / PEFT_SAFETENSORS))
-    if out_dir.exists():
-      # Move the old folder aside first: a directory cannot be renamed over a non-empty one.
-      old = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.",
-                                          suffix=".old"))
-      os.replace(out_dir, old / "adapter")
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with storage.complete_folder(out_dir, replace=overwrite) as folder:
+    (folder / PEFT_CONFIG).write_bytes(
+        (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    (folder / PEFT_SAFETENSORS).write_bytes(
+        save({PEFT_TENSOR: np.ascontiguousarray(prompt_PxD)}))
   return out_dir
-
-
-def _remove_quietly(path: PathLike) -> None:
-  try:
-    os.remove(path)
-  except OSError:
-    pass

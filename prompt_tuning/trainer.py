@@ -38,6 +38,7 @@ from prompt_tuning import optimizers
 from prompt_tuning import partitioning
 from prompt_tuning import prompt_io
 from prompt_tuning import scan_conversion
+from prompt_tuning import storage
 from prompt_tuning import train_lib
 from prompt_tuning.config import T5Config
 from prompt_tuning.model import T5
@@ -277,10 +278,10 @@ def truncate_metrics(path: str | os.PathLike, last_step: int | None) -> int:
   A restarted run logs again every step after the checkpoint it resumes from, and a kill in the
   middle of a write leaves a partial last line. Dropping both before the run appends leaves each
   step once, in order. Lines that do not parse as a row with a step are dropped too. The file is
-  rewritten through a temporary file in the same folder and `os.replace`, so a kill here leaves
-  the old file or the new one, never a mix.
+  rewritten atomically (`storage.atomic_write`: a temporary file and `os.replace` locally, one
+  upload on gs://), so a kill here leaves the old file or the new one, never a mix.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.exists():
     return 0
   text = path.read_bytes().decode("utf-8", errors="replace")
@@ -295,12 +296,7 @@ def truncate_metrics(path: str | os.PathLike, last_step: int | None) -> int:
       kept.append(line)
   if len(kept) == len(lines) and text.endswith("\n") == bool(lines):
     return 0
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    f.writelines(line + "\n" for line in kept)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.atomic_write(path, "".join(line + "\n" for line in kept))
   return len(lines) - len(kept)
 
 
@@ -320,9 +316,9 @@ class MetricWriter:
       return
     import tensorflow as tf
     self._tf = tf
-    self.dir = pathlib.Path(model_dir) / name
+    self.dir = storage.path(model_dir) / name
     self._writer = None  # created at the first write: no empty eval/ folder for runs without eval
-    self._jsonl = pathlib.Path(model_dir) / f"metrics_{name.replace('/', '_')}.jsonl"
+    self._jsonl = storage.path(model_dir) / f"metrics_{name.replace('/', '_')}.jsonl"
     dropped = truncate_metrics(self._jsonl, resume_step)
     if dropped:
       log.info("Dropped %d lines of %s logged after step %d or left partial by a kill (this "
@@ -337,8 +333,8 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tf.summary.scalar(k, float(v), step=int(step))
     self._writer.flush()
-    with open(self._jsonl, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    storage.append_text(self._jsonl, json.dumps(
+        {"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
 
 def _fmt_seconds(s: float) -> str:
@@ -349,24 +345,14 @@ def _fmt_seconds(s: float) -> str:
 # ------------------------------------------------------------------------------------------------
 # Output files
 
-def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
-  """Writes rows to a temporary file renamed into place (never a half-written file)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
+def write_jsonl(path, rows: Sequence[Mapping[str, Any]]) -> None:
+  """Writes rows atomically, local or gs:// (`storage.atomic_write`: never a half-written file)."""
+  storage.atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def write_json(path: pathlib.Path, value: Any) -> None:
-  """Writes JSON to a temporary file renamed into place (never a half-written file)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=float))
-  os.replace(tmp, path)
+def write_json(path, value: Any) -> None:
+  """Writes JSON atomically, local or gs:// (`storage.atomic_write`: never a half-written file)."""
+  storage.atomic_write(path, json.dumps(value, indent=2, default=float))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -654,7 +640,7 @@ class _BestCheckpoint:
     if mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {mode!r}")
     self.metric, self.mode = metric, mode
-    self.path = pathlib.Path(model_dir) / "best" / "best.json"
+    self.path = storage.path(model_dir) / "best" / "best.json"
     self.value = None
     if self.path.exists():  # resuming: keep beating the best so far
       self.value = json.loads(self.path.read_text())["value"]
@@ -682,9 +668,8 @@ class _BestCheckpoint:
     self.value = value
     self.checkpointer.save(step, state, metadata)
     if jax.process_index() == 0:
-      tmp = self.path.with_suffix(".tmp")
-      tmp.write_text(json.dumps({"step": int(step), "metric": self.metric, "value": value}))
-      os.replace(tmp, self.path)
+      storage.atomic_write(self.path, json.dumps({"step": int(step), "metric": self.metric,
+                                                  "value": value}))
     log.info("New best %s = %.4f at step %d (saved to %s)", self.metric, value, step,
              self.path.parent)
 
@@ -982,7 +967,7 @@ def _nonfinite_message(metrics, step: int, last_saved: int | None, setup: Setup)
 
 def _checkpoint_steps(model_dir: str | None) -> list[int]:
   """The steps saved in MODEL_DIR/checkpoints, oldest first (none for a missing folder)."""
-  if not model_dir or not (pathlib.Path(model_dir) / "checkpoints").is_dir():
+  if not model_dir or not (storage.path(model_dir) / "checkpoints").is_dir():
     return []
   ckpt = checkpoints_lib.Checkpointer(model_dir, keep=None)
   try:
@@ -1014,7 +999,7 @@ def _steps_to_evaluate(model_dir: str | None, checkpoint_step, prompt_init: Prom
   prompt file is given (a typo in MODEL_DIR would otherwise evaluate a random prompt).
   """
   if model_dir:
-    prompt_io.local_path(model_dir)
+    storage.check_run_folder(model_dir, "MODEL_DIR", write=False)
   if checkpoint_step is not None and checkpoint_step != "all" and (
       isinstance(checkpoint_step, bool) or not isinstance(checkpoint_step, int)):
     raise ValueError(f"CHECKPOINT_STEP must be a step number, None (the latest) or 'all', got "
@@ -1031,7 +1016,7 @@ def _steps_to_evaluate(model_dir: str | None, checkpoint_step, prompt_init: Prom
     return [checkpoint_step]
   from_file = prompt_config is not None and prompt_init.kind == "from_file"
   if model_dir and not from_file:
-    what = ("does not exist" if not pathlib.Path(model_dir).exists()
+    what = ("does not exist" if not storage.path(model_dir).exists()
             else "has no checkpoints (MODEL_DIR/checkpoints/<step>)")
     raise ValueError(
         f"MODEL_DIR {model_dir} {what}, so there is no trained prompt to evaluate. Check the "
@@ -1081,7 +1066,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   check_positive(("EVAL_MAX_EXAMPLES",), EVAL_MAX_EXAMPLES=max_examples)
   if output_path:
-    prompt_io.local_path(output_path, "OUTPUT_PATH")  # before any loading
+    storage.check_run_folder(output_path, "OUTPUT_PATH", write=False)  # before any loading
   config_lib.check_runtime(model_runtime)
   steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   _register_saved_file_task(model_dir, eval_dataset.mixture_or_task_name, eval_dataset.module)
@@ -1093,8 +1078,8 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
   evaluation = evaluation_lib.Evaluation(setup, eval_dataset, decoding_config=decoding_config,
                                          max_examples=max_examples, random_seed=random_seed)
   mode = evaluation.decoding_method
-  out_folder = (pathlib.Path(output_path).parent if output_path
-                else pathlib.Path(model_dir) if model_dir else None)
+  out_folder = (storage.path(output_path).parent if output_path
+                else storage.path(model_dir) if model_dir else None)
   log_dir = str(out_folder / f"eval_{mode}") if out_folder is not None else None
   write = jax.process_index() == 0 and out_folder is not None
 
@@ -1120,7 +1105,7 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
         "decoding": mode, "checkpoints": rows,
         "path": str(out_folder / f"eval_all_checkpoints_{mode}.jsonl") if write else None}
   if write and checkpoint_step != "all":
-    path = pathlib.Path(output_path) if output_path else out_folder / f"eval_results_{mode}.json"
+    path = storage.path(output_path) if output_path else out_folder / f"eval_results_{mode}.json"
     write_json(path, out)
     log.info("Wrote %s", path)
   return out
@@ -1136,7 +1121,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
           max_examples: int | None = None, random_seed: int = 42,
           mode: str = "predict", num_return_sequences: int | None = None,
           model_runtime: Mapping[str, Any] | None = None,
-          allow_nonfinite_frozen: bool = False) -> list[pathlib.Path]:
+          allow_nonfinite_frozen: bool = False) -> list:
   """Writes one JSONL per task of `dataset`, as T5X's infer.py modes do.
 
   - `predict`: {inputs, prediction, score, target} per example (`<task>-<step>.jsonl`; score:
@@ -1155,7 +1140,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
     raise ValueError("NUM_RETURN_SEQUENCES (n-best outputs) goes with INFER_MODE='predict'")
   if checkpoint_step == "all":
     raise ValueError("CHECKPOINT_STEP='all' is for prompt_tuning.eval; infer takes one step")
-  out_dir = prompt_io.local_path(output_dir, "INFER_OUTPUT_DIR")  # before any loading
+  out_dir = storage.check_run_folder(output_dir, "INFER_OUTPUT_DIR")  # before any loading
   config_lib.check_runtime(model_runtime)
   steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   _register_saved_file_task(model_dir, dataset.mixture_or_task_name, dataset.module)

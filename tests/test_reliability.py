@@ -560,12 +560,13 @@ def test_frozen_safetensors_with_an_absurd_header_is_refused(tmp_path):
 @pytest.mark.parametrize("entry", ["train", "eval", "infer"])
 def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, frozen_checkpoint,
                                                                   entry, monkeypatch, capsys):
-  """`pathlib` would make `gs://bucket/run` the local folder `gs:/bucket/run`: train would write
-  there and eval would find no checkpoint and evaluate a fresh prompt. Refused, naming the fix."""
+  """`pathlib` would make `s3://bucket/run` the local folder `s3:/bucket/run`: train would write
+  there and eval would find no checkpoint and evaluate a fresh prompt. A URL scheme other than
+  gs:// (written natively, tests/test_gcs.py) is refused, naming the schemes that work."""
   monkeypatch.chdir(tmp_path)
   flags = _flags(tmp_path / "unused", frozen_checkpoint)
   flags = [f for f in flags if not f.startswith("--gin.MODEL_DIR")]
-  flags.append("--gin.MODEL_DIR='gs://bucket/run'")
+  flags.append("--gin.MODEL_DIR='s3://bucket/run'")
   # Only the flags the eval/infer run files use: a macro no loaded file uses is refused.
   train_only = ("--gin.TRAIN_STEPS", "--gin.CHECKPOINT_PERIOD", "--gin.EVAL_PERIOD",
                 "--gin.trainer.train.")
@@ -584,8 +585,9 @@ def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, fro
     gin_utils.run_main(lambda: main(flags))
   assert e.value.code == 2
   err = capsys.readouterr().err
-  assert "MODEL_DIR 'gs://bucket/run' is a URL" in err and "gcsfuse" in err
-  assert not (tmp_path / "gs:").exists()
+  assert "MODEL_DIR 's3://bucket/run' is a s3:// URL, which we cannot read or write" in err
+  assert "Supported URL schemes: gs://" in err
+  assert not (tmp_path / "s3:").exists()
 
 
 def test_hosts_checking_model_dir_at_once_do_not_trip_each_other(tmp_path):

@@ -6,24 +6,26 @@
 Writes OUTPUT_DIR/prompt.npy (float32 [P, d_model]) and OUTPUT_DIR/peft_adapter/
 (adapter_config.json + adapter_model.safetensors), loadable with
 `peft.PeftModel.from_pretrained(T5ForConditionalGeneration..., OUTPUT_DIR/peft_adapter)`.
+Both folders may be local paths or gs:// URLs (on gs:// the adapter folder also holds a
+`commit_success.txt` marker, written last).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
-import numpy as np
+from etils import epath
 
 from prompt_tuning import prompt_io
+from prompt_tuning import storage
 
 
-def find_prompt(model_dir: pathlib.Path, step: int | None) -> tuple[pathlib.Path, int]:
-  """The `.npy` prompt the trainer exported at `step` (default: the latest)."""
+def find_prompt(model_dir: epath.Path, step: int | None) -> tuple[epath.Path, int]:
+  """The `.npy` prompt the trainer exported at `step` (default: the latest complete export)."""
   root = model_dir / "numpy_checkpoints"
   steps = sorted(int(p.name.split("_")[1]) for p in root.glob("checkpoint_*")
-                 if (p / "encoder.prompt.prompt.npy").exists())
+                 if storage.is_complete(p) and (p / "encoder.prompt.prompt.npy").exists())
   if not steps:
     raise ValueError(f"No exported prompt under {root}: is {model_dir} a prompt-tuning MODEL_DIR "
                      "with at least one checkpoint?")
@@ -34,15 +36,15 @@ def find_prompt(model_dir: pathlib.Path, step: int | None) -> tuple[pathlib.Path
   return root / f"checkpoint_{step}" / "encoder.prompt.prompt.npy", step
 
 
-def read_metadata(model_dir: pathlib.Path, step: int) -> dict:
+def read_metadata(model_dir: epath.Path, step: int) -> dict:
   path = model_dir / "checkpoints" / str(step) / "metadata" / "metadata"
   return json.loads(path.read_text()) if path.exists() else {}
 
 
 def export(model_dir, output_dir, *, step: int | None = None,
            base_model_name_or_path: str | None = None) -> dict:
-  model_dir = prompt_io.local_path(model_dir, "--model_dir")
-  output_dir = prompt_io.local_path(output_dir, "--output_dir")
+  model_dir = storage.check_run_folder(model_dir, "--model_dir", write=False)
+  output_dir = storage.check_run_folder(output_dir, "--output_dir")
   path, step = find_prompt(model_dir, step)
   prompt = prompt_io.load_prompt(path)
   meta = read_metadata(model_dir, step)
@@ -50,7 +52,6 @@ def export(model_dir, output_dir, *, step: int | None = None,
   if not config:
     raise ValueError(f"Checkpoint {step} in {model_dir} has no model_config metadata; cannot "
                      "describe the base model for PEFT")
-  output_dir.mkdir(parents=True, exist_ok=True)
   npy = prompt_io.save_prompt_npy(output_dir / "prompt.npy", prompt)
   base = base_model_name_or_path or meta.get("initial_checkpoint_path") or "unknown"
   adapter = prompt_io.export_peft_adapter(
