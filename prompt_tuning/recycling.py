@@ -186,6 +186,49 @@ def recycle(prompt_PxD, source_embedding_VxD, target_embedding_VxE, method: str 
   return recycled, {"fit_error": fit_error(recycler, source, target)}
 
 
+def load_embedding(checkpoint: str, config=None) -> np.ndarray:
+  """A frozen checkpoint's token embedding table `[V, D]` (float32). `config`: anything
+  `pretrained.load_pretrained` takes (None for checkpoints that carry theirs; T5X ones need a
+  `T5Config` or a gin model file)."""
+  from prompt_tuning import pretrained
+  if hasattr(config, "scan_layers"):  # a T5Config: checkpoints hold per-layer weights
+    config = config.replace(scan_layers=False)
+  _, params = pretrained.load_pretrained(checkpoint, config=config)
+  return np.asarray(params["token_embedder"]["embedding"], np.float32)
+
+
+def recycle_file(*, source_checkpoint: str, target_checkpoint: str, prompt: str, output: str,
+                 recycler: str = "v2v-lin", num_words: int = DEFAULT_NUM_WORDS,
+                 word_offset: int = DEFAULT_WORD_OFFSET, source_config=None, target_config=None,
+                 **options) -> dict[str, Any]:
+  """Recycles the prompt file `prompt` (trained on `source_checkpoint`) for `target_checkpoint`
+  and writes it to `output` (float32 `.npy`); returns what it did, `output` included.
+
+  Only the checkpoints' embedding tables are kept (`load_embedding`).
+  """
+  from prompt_tuning import prompt_io
+  prompt_io.local_path(output, "the recycled prompt's path")
+  source_prompt = prompt_io.load_prompt(prompt)
+  source = load_embedding(source_checkpoint, source_config)
+  target = load_embedding(target_checkpoint, target_config)
+  recycled, info = recycle(source_prompt, source, target, recycler, num_words=num_words,
+                           word_offset=word_offset, **options)
+  path = prompt_io.save_prompt_npy(output, recycled)
+  return {"recycler": recycler, "prompt": str(prompt), "output": str(path),
+          "shape": list(recycled.shape), "fit_error": info["fit_error"],
+          "rows": [word_offset, word_offset + num_words]}
+
+
+def recycled_prompt(**kwargs) -> str:
+  """`recycle_file`, returning the recycled prompt's path (gin: runs/recycled_prompt_eval.gin)."""
+  import logging
+  result = recycle_file(**kwargs)
+  logging.info("Recycled %s with %s (relative fit error %.3e on vocabulary rows %s) to %s",
+               result["prompt"], result["recycler"], result["fit_error"], result["rows"],
+               result["output"])
+  return result["output"]
+
+
 # ----- the known-answer model: same function, residual stream in another basis -----
 
 # How each parameter touches the residual stream: "in" kernels read it ([D, X] -> M.T @ W),

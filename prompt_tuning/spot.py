@@ -1,11 +1,12 @@
 """SPoT (Vu et al., 2022, "SPoT: Better Frozen Model Adaptation through Soft Prompt Transfer"):
 prompt-based task embeddings, and ranking source tasks for a target by their similarity.
 
-SPoT's transfer recipe needs no code: train a prompt on a source task or mixture, then train the
-target task's prompt starting from it (`runs/spot_finetune.gin`, which loads the source prompt
-through `prompts/from_file.gin`). This module is the paper's retrieval step: a task's embedding
-is its trained prompt, and the source tasks most likely to transfer to a target are those whose
-prompts are most similar to a prompt trained (briefly) on the target. The paper's two measures:
+SPoT's transfer recipe: train a prompt on a source task or mixture, then train the target task's
+prompt starting from it (`runs/spot_finetune.gin`, loaded after `runs/prompt_finetune.gin`: the
+initial prompt is SOURCE_PROMPT, a prompt file or the source run's folder, `latest_prompt`).
+The rest of this module is the paper's retrieval step: a task's embedding is its trained prompt,
+and the source tasks most likely to transfer to a target are those whose prompts are most similar
+to a prompt trained on the target. The paper's two measures:
 
 - `average_tokens` ("cosine similarity of average tokens"): the cosine of the two prompts'
   mean token vectors, `cos(mean_i s_i, mean_j t_j)`;
@@ -100,6 +101,11 @@ def prompt_file(path: str | os.PathLike) -> pathlib.Path:
                        f"({exports}/checkpoint_<step>/{EXPORT_NAME})")
     return steps[-1][1] / EXPORT_NAME
   return path
+
+
+def latest_prompt(path: str | os.PathLike) -> str:
+  """`prompt_file` as a string, for gin (runs/spot_finetune.gin's SOURCE_PROMPT)."""
+  return str(prompt_file(path))
 
 
 def source_paths(sources: Sequence[str]) -> dict[str, pathlib.Path]:

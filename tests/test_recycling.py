@@ -153,22 +153,28 @@ def _clean_gin():
   gin.clear_config()
 
 
-def _eval(checkpoint, prompt_file, length):
+def _eval(checkpoint, length, *flags):
   from prompt_tuning import eval as eval_main
   gin.clear_config()
   out = eval_main.main([
-      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/recycled_prompt_eval.gin",
-      f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'", f"--gin.PROMPT_FILE='{prompt_file}'",
+      "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin", *flags,
+      f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
       "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", f"--gin.PROMPT_LENGTH={length}",
       "--gin.EVAL_BATCH_SIZE=16", "--gin.EVAL_MAX_EXAMPLES=16"])
   return out["results"]["demo_taskless_last"]
 
 
+def _from_file(path):
+  return ("--gin_file=prompts/from_file.gin", f"--gin.PROMPT_FILE='{path}'")
+
+
 @pytest.mark.slow
-def test_the_script_recycles_a_file_and_eval_scores_it_as_the_original(tmp_path, _clean_gin):
+def test_the_script_and_the_run_file_recycle_and_eval_scores_it_as_the_original(tmp_path,
+                                                                                 _clean_gin):
   """Demo frozen model -> a signed-permutation copy of it (scripts/rotate_model.py) -> the
-  recycled prompt scores what the original scores; the unrecycled prompt does not."""
+  recycled prompt scores what the original scores, through the script + prompts/from_file.gin
+  and through runs/recycled_prompt_eval.gin; the unrecycled prompt does not."""
   from prompt_tuning.demo import FROZEN_MODEL_DIR
   from prompt_tuning.scripts import rotate_model
   target_dir = tmp_path / "rotated"
@@ -184,10 +190,17 @@ def test_the_script_recycles_a_file_and_eval_scores_it_as_the_original(tmp_path,
       "--prompt", str(tmp_path / "prompt.npy"), "--output", str(tmp_path / "recycled.npy"),
       "--recycler", "v2v-lin", "--word_offset", "3", "--num_words", "256"])
   assert out["fit_error"] < 1e-10
-  original = _eval(FROZEN_MODEL_DIR, tmp_path / "prompt.npy", len(rows))
-  recycled = _eval(target_dir, tmp_path / "recycled.npy", len(rows))
-  unrecycled = _eval(target_dir, tmp_path / "prompt.npy", len(rows))
-  np.testing.assert_allclose(recycled["loss"], original["loss"], atol=1e-4)
-  assert recycled["exact_match"] == original["exact_match"]
-  assert recycled["token_accuracy"] == original["token_accuracy"]
+  original = _eval(FROZEN_MODEL_DIR, len(rows), *_from_file(tmp_path / "prompt.npy"))
+  recycled = _eval(target_dir, len(rows), *_from_file(tmp_path / "recycled.npy"))
+  in_one_go = _eval(target_dir, len(rows), "--gin_file=runs/recycled_prompt_eval.gin",
+                    f"--gin.SOURCE_CHECKPOINT='{FROZEN_MODEL_DIR}'",
+                    f"--gin.SOURCE_PROMPT='{tmp_path / 'prompt.npy'}'",
+                    f"--gin.RECYCLED_PROMPT='{tmp_path / 'again.npy'}'",
+                    "--gin.RECYCLE_WORD_OFFSET=3", "--gin.RECYCLE_NUM_WORDS=256")
+  unrecycled = _eval(target_dir, len(rows), *_from_file(tmp_path / "prompt.npy"))
+  assert np.load(tmp_path / "again.npy").tobytes() == np.load(tmp_path / "recycled.npy").tobytes()
+  for result in (recycled, in_one_go):
+    np.testing.assert_allclose(result["loss"], original["loss"], atol=1e-4)
+    assert result["exact_match"] == original["exact_match"]
+    assert result["token_accuracy"] == original["token_accuracy"]
   assert abs(unrecycled["loss"] - original["loss"]) > 0.1

@@ -101,7 +101,7 @@ def _header_commands(path: pathlib.Path) -> list[list[str]]:
 def _shorter(argv, model_dir, steps):
   keep = [a for a in argv if not a.startswith(("--gin.MODEL_DIR", "--gin.TRAIN_STEPS",
                                                "--gin.EVAL_PERIOD", "--gin.CHECKPOINT_PERIOD",
-                                               "--gin.EVAL_MAX_EXAMPLES", "--gin.PROMPT_FILE"))]
+                                               "--gin.EVAL_MAX_EXAMPLES", "--gin.SOURCE_PROMPT"))]
   return keep + [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
                  f"--gin.CHECKPOINT_PERIOD={steps}", f"--gin.EVAL_PERIOD={steps}",
                  "--gin.EVAL_MAX_EXAMPLES=16", "--gin.trainer.train.log_period=1"]
@@ -130,8 +130,9 @@ def test_the_recipe_starts_the_target_prompt_from_the_source_prompt(tmp_path, _c
       "encoder.prompt.prompt.npy")
 
   gin.clear_config()
+  # SOURCE_PROMPT: the source run's folder, resolved to its latest exported prompt.
   target = train_main.main(_shorter(target_cmd, tmp_path / "target", 2)
-                           + [f"--gin.PROMPT_FILE='{source_prompt}'"])
+                           + [f"--gin.SOURCE_PROMPT='{tmp_path / 'source'}'"])
   first = json.loads((tmp_path / "target" / "metrics_eval.jsonl").read_text().splitlines()[0])
   assert first["step"] == 0 and target["step"] == 2
 

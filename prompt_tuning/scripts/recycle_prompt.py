@@ -11,7 +11,8 @@ a PEFT adapter folder) trained on SRC. The recycler is learned from both models'
 vocabulary rows `[word_offset, word_offset + num_words)` (the original's defaults; a byte
 vocabulary needs e.g. `--word_offset 3 --num_words 256`) and applied to the prompt; OUT is a
 float32 `.npy` `[P, d_model of TGT]`. Prints the map's relative fit error on those rows. Evaluate
-the result with runs/recycled_prompt_eval.gin (`prompt_tuning.eval` with `PROMPT_FILE=OUT`).
+OUT with `prompt_tuning.eval`, runs/prompt_eval.gin and prompts/from_file.gin (PROMPT_FILE=OUT),
+or recycle and evaluate in one command with runs/recycled_prompt_eval.gin.
 The v2v-nn settings default to the original's: --hidden_scale 4 --learning_rate 3e-4
 --batch_size 50 --epochs 25.
 """
@@ -19,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 from typing import Sequence
 
-
-from prompt_tuning import prompt_io
 from prompt_tuning import recycling
-from prompt_tuning.scripts import nearest_tokens
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -52,24 +49,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
              if args.recycler == "v2v-nn" else {})
   try:
-    prompt_io.local_path(args.output, "--output")
-    prompt = prompt_io.load_prompt(args.prompt)
-    source = nearest_tokens.load_embedding(checkpoint=args.source_checkpoint,
-                                           model_gin=args.source_gin)
-    target = nearest_tokens.load_embedding(checkpoint=args.target_checkpoint,
-                                           model_gin=args.target_gin)
-    recycled, info = recycling.recycle(prompt, source, target, args.recycler,
-                                       num_words=args.num_words, word_offset=args.word_offset,
-                                       **options)
-    path = prompt_io.save_prompt_npy(args.output, recycled)
+    result = recycling.recycle_file(
+        source_checkpoint=args.source_checkpoint, target_checkpoint=args.target_checkpoint,
+        prompt=args.prompt, output=args.output, recycler=args.recycler,
+        num_words=args.num_words, word_offset=args.word_offset, source_config=args.source_gin,
+        target_config=args.target_gin, **options)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  result = {"recycler": args.recycler, "prompt": args.prompt, "output": str(path),
-            "shape": list(recycled.shape), "fit_error": info["fit_error"],
-            "rows": [args.word_offset, args.word_offset + args.num_words]}
   print(f"{args.recycler}: learned on {args.num_words} vocabulary rows from {args.word_offset}; "
-        f"relative fit error {info['fit_error']:.3e}; wrote {path} {tuple(recycled.shape)}")
+        f"relative fit error {result['fit_error']:.3e}; wrote {result['output']} "
+        f"{tuple(result['shape'])}")
   print(json.dumps(result))
   return result
 
