@@ -115,3 +115,15 @@ def normalizing_factor(weights_BxT: jnp.ndarray, kind) -> tuple[jnp.ndarray, jnp
     return weights / per_seq, jnp.array(float(weights.shape[0]), jnp.float32)
   raise ValueError(f"Unknown loss_normalizing_factor {kind!r}: use None, a number, or one of "
                    f"{NORMALIZERS}")
+
+
+def squared_l2_distance(x_PxD: jnp.ndarray, y_PxD: jnp.ndarray) -> jnp.ndarray:
+  """`sum((x - y)^2) / P`: each row's squared Euclidean distance, averaged over the P rows.
+
+  The prompt-waywardness distance (Khashabi et al., 2022, as their code and the original
+  implementation compute it; see `wayward.py`).
+  """
+  if x_PxD.shape != y_PxD.shape or x_PxD.ndim != 2:
+    raise ValueError(f"squared_l2_distance needs two [P, D] arrays of one shape, got "
+                     f"{x_PxD.shape} and {y_PxD.shape}")
+  return jnp.sum(jnp.square(x_PxD - y_PxD)) / x_PxD.shape[0]

@@ -36,6 +36,9 @@ class EncoderDecoderModel:
   # T5X names: None (sum), a constant, "NUM_REAL_TARGET_TOKENS", "NUM_TOTAL_TARGET_TOKENS",
   # "AVERAGE_PER_SEQUENCE". Per-token mean by default, so logged losses are comparable.
   loss_normalizing_factor: Any = "NUM_REAL_TARGET_TOKENS"
+  # A term of the parameters added once per step to the training objective, e.g.
+  # `wayward.WaywardRegularizer`: `regularizer(params) -> (value, metrics)`. None: the task loss.
+  regularizer: Any = None
 
   def logits(self, params, batch: Batch, *, dropout_rng=None) -> jnp.ndarray:
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
@@ -64,11 +67,18 @@ class EncoderDecoderModel:
         "target_tokens": jnp.sum(real),
     }
 
+  def regularization(self, params) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """`(value, metrics)` of the regulariser (0 without one); not part of the task loss."""
+    if self.regularizer is None:
+      return jnp.zeros((), jnp.float32), {}
+    return self.regularizer(params)
+
   def loss_fn(self, params, batch: Batch, *, dropout_rng=None):
-    """`(normalised loss, metrics)` for one batch."""
+    """`(normalised loss + regularizer, metrics)` for one batch: the training objective."""
     weights, normalizer = self.token_weights_and_normalizer(batch)
     sums = self.loss_sums(params, batch, weights, dropout_rng=dropout_rng)
-    return sums["loss"] / normalizer, sums
+    regularization, _ = self.regularization(params)
+    return sums["loss"] / normalizer + regularization, sums
 
   def score_batch(self, params, batch: Batch) -> jnp.ndarray:
     """Per-example log-likelihood of the targets (sum over real target tokens), `[B]`."""

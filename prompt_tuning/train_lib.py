@@ -84,13 +84,20 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *,
 
   grads = jax.tree_util.tree_map(lambda g: g / normalizer, grads)
   loss = sums["loss"] / normalizer
+  regularization, reg_metrics = jnp.zeros((), jnp.float32), {}
+  if model.regularizer is not None:
+    # A function of the parameters, not of the batch: added once per step, after accumulation.
+    reg_fn = lambda t: model.regularization(optimizers.merge_params(t, frozen))
+    (regularization, reg_metrics), reg_grads = jax.value_and_grad(reg_fn, has_aux=True)(
+        state.params)
+    grads = jax.tree_util.tree_map(jnp.add, grads, reg_grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
   # Finite norms too: parameters that grew past ~1e19 are finite one by one while their norm
   # overflows, and such a prompt only ever gets zero updates after that.
-  finite = (jnp.isfinite(loss) & _tree_all_finite(grads) & _tree_all_finite(params)
-            & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm))
+  finite = (jnp.isfinite(loss) & jnp.isfinite(regularization) & _tree_all_finite(grads)
+            & _tree_all_finite(params) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm))
   if skip_nonfinite:
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
@@ -103,6 +110,8 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *,
       "param_norm": optax.global_norm(params),
       "finite": finite,
   }
+  if model.regularizer is not None:  # "loss" stays the task loss, comparable across runs
+    metrics.update(reg_metrics, objective=loss + regularization)
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

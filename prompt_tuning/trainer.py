@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -36,7 +35,6 @@ from prompt_tuning import evaluation as evaluation_lib
 from prompt_tuning import initializers
 from prompt_tuning import optimizers
 from prompt_tuning import partitioning
-from prompt_tuning import prompt_io
 from prompt_tuning import scan_conversion
 from prompt_tuning import storage
 from prompt_tuning import train_lib
@@ -566,8 +564,8 @@ def read_run_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
   if not isinstance(model_dir, (str, os.PathLike)) or not str(model_dir):
     return None
   try:
-    root = prompt_io.local_path(model_dir)
-  except ValueError:  # a URL: evaluate() reports it
+    root = storage.path(model_dir, "MODEL_DIR")
+  except ValueError:  # a URL scheme we cannot read: evaluate() reports it
     return None
   path = root / RUN_SETTINGS_FILE
   try:
@@ -840,7 +838,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
       "mixture_or_task_name": train_dataset.mixture_or_task_name,
       "truncated_examples": batches.truncated_examples, "seen_examples": batches.examples,
       "run_settings": settings}
-  settings_path = pathlib.Path(model_dir) / RUN_SETTINGS_FILE
+  settings_path = storage.join(model_dir, RUN_SETTINGS_FILE)
   settings_written = []
 
   def save(step):
