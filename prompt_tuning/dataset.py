@@ -84,9 +84,9 @@ def get_mixture_or_task(name: str, module=None) -> seqio.Task | seqio.Mixture:
     known = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f" Did you mean {close}?" if close else ""
-    where = (f" (after importing {module!r})" if module else
-             " Set MIXTURE_OR_TASK_MODULE to the module that registers it, e.g. 'tasks.glue'.")
-    raise ValueError(f"Unknown task or mixture {name!r}{where}.{hint} "
+    where = (f" (after importing {module!r})." if module else
+             ". Set MIXTURE_OR_TASK_MODULE to the module that registers it, e.g. 'tasks.glue'.")
+    raise ValueError(f"Unknown task or mixture {name!r}{where}{hint} "
                      f"{len(known)} are registered; list them with "
                      "`python -m prompt_tuning.scripts.show_tasks`.") from None
 

@@ -265,6 +265,7 @@ def _parse(gin_files, bindings, extra_search_paths) -> Parsed:
     resolved.append(str(pathlib.Path(path).resolve()))
     user_macros |= _own_file_macros(path, paths, seen)
   known = _macros()[0] if bindings else set()  # what the files define
+  file_task = _file_task_registration()
   bound = []  # (macro, binding): each unscoped macro a binding sets
   for b in bindings:
     try:
@@ -279,9 +280,28 @@ def _parse(gin_files, bindings, extra_search_paths) -> Parsed:
     if any(isinstance(s, config_parser.IncludeStatement) for s in statements):
       known |= _macros()[0] - {name for name, _ in own}  # an `include` loads a file too
     bound += own
+  if file_task and any(name == "MIXTURE_OR_TASK_NAME" for name, _ in bound):
+    flag = next(b for name, b in bound if name == "MIXTURE_OR_TASK_NAME")
+    raise ValueError(
+        f"The binding {flag!r} replaces the gin file's MIXTURE_OR_TASK_NAME = "
+        f"@{file_task}(), so the file task would never be registered from its files. Drop "
+        "--gin.MIXTURE_OR_TASK_NAME (the file task's gin file names the task), or drop that "
+        "gin file to run a registered task.")
   if bound:  # references count from the files and the bindings alike
     _check_macros_used(bound, known | _macros()[1], gin_files)
   return Parsed(resolved, user_macros | {name for name, _ in bound})
+
+def _file_task_registration() -> str | None:
+  """The `register_file_task` reference a gin file bound MIXTURE_OR_TASK_NAME to, if any."""
+  try:
+    value = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
+  except ValueError:
+    return None
+  if (isinstance(value, gin.config.ConfigurableReference)
+      and value.selector.endswith("register_file_task")):
+    return value.scoped_selector
+  return None
+
 
 class _Names(config_parser.ParserDelegate):
   """Parses gin text for its statements only, collecting the macros it references."""
