@@ -189,7 +189,7 @@ def recycle(prompt_PxD, source_embedding_VxD, target_embedding_VxE, method: str 
 def load_embedding(checkpoint: str, config=None) -> np.ndarray:
   """A frozen checkpoint's token embedding table `[V, D]` (float32). `config`: anything
   `pretrained.load_pretrained` takes (None for checkpoints that carry theirs; T5X ones need a
-  `T5Config` or a gin model file)."""
+  `T5Config`, e.g. `gin_utils.config_from_gin(model_gin_file)`)."""
   from prompt_tuning import pretrained
   if hasattr(config, "scan_layers"):  # a T5Config: checkpoints hold per-layer weights
     config = config.replace(scan_layers=False)
@@ -207,7 +207,8 @@ def recycle_file(*, source_checkpoint: str, target_checkpoint: str, prompt: str,
   Only the checkpoints' embedding tables are kept (`load_embedding`).
   """
   from prompt_tuning import prompt_io
-  prompt_io.local_path(output, "the recycled prompt's path")
+  from prompt_tuning import storage
+  storage.path(output, "the recycled prompt's path")  # a URL scheme we cannot write: now
   source_prompt = prompt_io.load_prompt(prompt)
   source = load_embedding(source_checkpoint, source_config)
   target = load_embedding(target_checkpoint, target_config)

@@ -49,11 +49,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
              if args.recycler == "v2v-nn" else {})
   try:
+    from prompt_tuning import gin_utils  # gin is parsed here, at the edge
+    configs = [gin_utils.config_from_gin(g) if g else None
+               for g in (args.source_gin, args.target_gin)]
     result = recycling.recycle_file(
         source_checkpoint=args.source_checkpoint, target_checkpoint=args.target_checkpoint,
         prompt=args.prompt, output=args.output, recycler=args.recycler,
-        num_words=args.num_words, word_offset=args.word_offset, source_config=args.source_gin,
-        target_config=args.target_gin, **options)
+        num_words=args.num_words, word_offset=args.word_offset, source_config=configs[0],
+        target_config=configs[1], **options)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
