@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 PROMPT_PATTERNS = (r"^encoder/prompt/prompt$",)
+# Every variable of the prompt module: per-layer prompts, shared + task prompts.
+ALL_PROMPT_PATTERNS = (r"^encoder/prompt/.*",)
 ALL_PATTERNS = (r".*",)
 
 

@@ -33,6 +33,7 @@ _BASE_RULES: Rules = (
     ("prompt", None),
     ("prompt_embed", None),
     ("prompt_bank", None),
+    ("prompt_layers", None),
 )
 
 

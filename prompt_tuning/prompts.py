@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 
 COMBINATIONS = ("prefix", "prefix_after_bos", "suffix_before_eos", "suffix")
+# Per-layer ("deep") prompts: what a layer's prompt does to the prompt positions' hidden states.
+PER_LAYER_MODES = ("none", "replace", "add")
 PROMPT_PATH = ("encoder", "prompt", "prompt")
+LAYER_PROMPTS_PATH = ("encoder", "prompt", "layer_prompts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,11 @@ class PromptConfig:
   combine: str = "prefix"
   # A bank of `bank_size` prompts selected per example by `prompt_index` (None: one prompt).
   bank_size: int | None = None
+  # Per-layer ("deep") prompts: besides the input prompt (layer 0's input), every later encoder
+  # layer gets its own trainable prompt `encoder/prompt/layer_prompts` [layers - 1, P, D] that
+  # "replace"s the prompt positions' hidden states at that layer's input, or is "add"ed to them
+  # (the original's `replace_prompt` / `add_prompt`); "none": the paper's input prompt only.
+  per_layer: str = "none"
 
   def __post_init__(self):
     if not isinstance(self.length, int) or self.length <= 0:
@@ -41,6 +49,12 @@ class PromptConfig:
       raise ValueError(f"PromptConfig.combine={self.combine!r}; choose one of {COMBINATIONS}")
     if self.bank_size is not None and self.bank_size <= 0:
       raise ValueError(f"PromptConfig.bank_size must be positive or None, got {self.bank_size}")
+    if self.per_layer not in PER_LAYER_MODES:
+      raise ValueError(f"PromptConfig.per_layer={self.per_layer!r}; choose one of "
+                       f"{PER_LAYER_MODES}")
+    if self.per_layer != "none" and self.bank_size is not None:
+      raise ValueError("Per-layer prompts with a prompt bank are not supported: set "
+                       "PromptConfig.per_layer='none' or bank_size=None")
 
   @property
   def shape_suffix(self) -> tuple[int, ...]:
@@ -107,15 +121,43 @@ def _insertion_indices(valid_BxL, plen, combine_mode):
   return valid_out, from_prompt, src_x, src_p
 
 
+def inject_layer_prompt(hidden_BxTxD: jnp.ndarray, layer_prompt_PxD: jnp.ndarray,
+                        valid_BxL: jnp.ndarray, combine_mode: str = "prefix",
+                        mode: str = "replace") -> jnp.ndarray:
+  """A layer's prompt put at the prompt positions of `hidden` (the combined sequence).
+
+  `valid_BxL` is the validity of the input *before* the prompt was combined (it says where the
+  prompt sits for the non-prefix combinations). "replace" overwrites those hidden states, "add"
+  adds the layer prompt to them; every other position is returned unchanged.
+  """
+  plen = layer_prompt_PxD.shape[0]
+  layer_prompt_PxD = layer_prompt_PxD.astype(hidden_BxTxD.dtype)
+  if combine_mode == "prefix":
+    head = hidden_BxTxD[:, :plen]
+    new_head = (jnp.broadcast_to(layer_prompt_PxD[None], head.shape) if mode == "replace"
+                else head + layer_prompt_PxD[None])
+    return jnp.concatenate([new_head, hidden_BxTxD[:, plen:]], axis=1)
+  _, from_prompt, _, src_p = _insertion_indices(valid_BxL, plen, combine_mode)
+  rows_BxTxD = jnp.take(layer_prompt_PxD, src_p, axis=0)
+  at_prompt = from_prompt[..., None]
+  if mode == "replace":
+    return jnp.where(at_prompt, rows_BxTxD, hidden_BxTxD)
+  return hidden_BxTxD + jnp.where(at_prompt, rows_BxTxD, jnp.zeros_like(rows_BxTxD))
+
+
 class Prompt(nn.Module):
-  """The trainable prompt parameter and its insertion into the encoder input."""
+  """The trainable prompt parameter and its insertion into the encoder input.
+
+  With `config.per_layer` set it also holds the later layers' prompts (`layer_prompts`,
+  `[num_layers - 1, P, D]`), which the encoder injects with `inject_layer_prompt`.
+  """
 
   config: PromptConfig
   d_model: int
   init_fn: Callable = dataclasses.field(default_factory=random_uniform)
+  num_layers: int = 1  # encoder layers; only per-layer prompts need it
 
-  @nn.compact
-  def __call__(self, embedded_BxLxD, valid_BxL, prompt_index_B=None):
+  def setup(self):
     cfg = self.config
     if cfg.bank_size is None:
       axes = ("prompt", "prompt_embed")
@@ -123,8 +165,24 @@ class Prompt(nn.Module):
     else:
       axes = ("prompt_bank", "prompt", "prompt_embed")
       shape = (cfg.bank_size, cfg.length, self.d_model)
-    prompt = self.param("prompt", nn.with_logical_partitioning(self.init_fn, axes), shape,
-                        jnp.float32)
+    self.prompt_table = self.param("prompt", nn.with_logical_partitioning(self.init_fn, axes),
+                                   shape, jnp.float32)
+    if cfg.per_layer != "none":
+      if self.num_layers < 2:
+        raise ValueError(f"Per-layer prompts need an encoder of 2 or more layers; this one has "
+                         f"{self.num_layers}")
+      self.layer_table = self.param(
+          "layer_prompts", nn.with_logical_partitioning(
+              self.init_fn, ("prompt_layers", "prompt", "prompt_embed")),
+          (self.num_layers - 1, cfg.length, self.d_model), jnp.float32)
+
+  def layer_prompts(self) -> jnp.ndarray:
+    """`[num_layers - 1, P, D]`: the prompt of encoder layers 1, 2, ... (per-layer prompts)."""
+    return self.layer_table
+
+  def __call__(self, embedded_BxLxD, valid_BxL, prompt_index_B=None):
+    cfg = self.config
+    prompt = self.prompt_table
     batch = embedded_BxLxD.shape[0]
     if cfg.bank_size is None:
       if prompt_index_B is not None:
