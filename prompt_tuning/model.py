@@ -9,7 +9,8 @@ runs on one CPU or sharded over a mesh.
 An optional `PromptConfig` adds the trainable prompt at `encoder/prompt/prompt`, inserted into
 the embedded encoder input before dropout (with `per_layer` set, also a prompt per later
 encoder layer, injected at the prompt positions of that layer's input). Everything else is the
-frozen model.
+frozen model. Multi-task prompts (`num_tasks`) read each example's task from its first input
+token, which the encoder drops.
 
 Speed and scale options (all in `T5Config`, all off by default so float32 stays exact):
 `matmul_dtype="bfloat16"` rounds every weight matmul's inputs to bfloat16 and accumulates in
@@ -397,6 +398,9 @@ class Encoder(nn.Module):
                enable_dropout: bool = False) -> Array:
     cfg = self.config
     deterministic = not enable_dropout
+    task_index_B = None
+    if self.prompt is not None and self.prompt.reads_task_token:
+      task_index_B, tokens_BxL = prompts_lib.split_task_token(tokens_BxL, self.prompt)
     x = self.shared_embedding(tokens_BxL)
     valid = masks.token_mask(tokens_BxL)
     input_valid = valid
@@ -404,7 +408,7 @@ class Encoder(nn.Module):
     if self.prompt is not None:
       prompt = prompts_lib.Prompt(self.prompt, cfg.d_model, num_layers=cfg.num_encoder_layers,
                                   name="prompt")
-      x, valid = prompt(x, valid, prompt_index_B)
+      x, valid = prompt(x, valid, prompt_index_B, task_index_B)
       if self.prompt.per_layer != "none":
         layer_prompts = prompt.layer_prompts()
     x = constrain(x, ("batch", "length", "embed"))
@@ -511,10 +515,12 @@ class T5(nn.Module):
 
   def encoder_valid(self, encoder_input_tokens: Array) -> Array:
     """Validity of each encoder output position (prompt + non-pad input)."""
-    valid = masks.token_mask(encoder_input_tokens)
     if self.prompt is None:
-      return valid
-    return prompts_lib.combine_mask(valid, self.prompt.length, self.prompt.combine)
+      return masks.token_mask(encoder_input_tokens)
+    if self.prompt.reads_task_token:  # the task sentinel is not part of the encoded input
+      encoder_input_tokens = prompts_lib.split_task_token(encoder_input_tokens, self.prompt)[1]
+    valid = masks.token_mask(encoder_input_tokens)
+    return prompts_lib.combine_mask(valid, self.prompt.total_length, self.prompt.combine)
 
   def encode(self, encoder_input_tokens: Array, *, prompt_index: Array | None = None,
              enable_dropout: bool = False) -> Array:

@@ -18,6 +18,8 @@ import optax
 PROMPT_PATTERNS = (r"^encoder/prompt/prompt$",)
 # Every variable of the prompt module: per-layer prompts, shared + task prompts.
 ALL_PROMPT_PATTERNS = (r"^encoder/prompt/.*",)
+# Multi-task prompts with the shared prompt frozen: only the task parameters train.
+TASK_PROMPT_PATTERNS = (r"^encoder/prompt/task_.*",)
 ALL_PATTERNS = (r".*",)
 
 

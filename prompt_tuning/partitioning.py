@@ -34,6 +34,8 @@ _BASE_RULES: Rules = (
     ("prompt_embed", None),
     ("prompt_bank", None),
     ("prompt_layers", None),
+    ("prompt_tasks", None),
+    ("prompt_embed_out", None),
 )
 
 
