@@ -147,3 +147,22 @@ def test_multitask_config_is_validated():
   with pytest.raises(ValueError, match="task_length"):
     PromptConfig(num_tasks=2, task_token_base=9, task_combine="add", task_length=4)
   assert PromptConfig(length=3, num_tasks=2, task_token_base=9, task_length=5).total_length == 8
+
+
+def test_export_writes_each_tasks_effective_prompt(tmp_path):
+  """From a run's numpy export: task t's file is `task_prompts(shared, task params)[t]`."""
+  from prompt_tuning.scripts import export_task_prompts
+  rs = np.random.RandomState(0)
+  shared, kernel, bias = rs.randn(3, 4), rs.randn(2, 4, 4), rs.randn(2, 4)
+  folder = tmp_path / "run" / "numpy_checkpoints" / "checkpoint_5"
+  folder.mkdir(parents=True)
+  for name, value in (("prompt", shared), ("task_kernel", kernel), ("task_bias", bias)):
+    np.save(folder / f"encoder.prompt.{name}.npy", value.astype(np.float32))
+  out = export_task_prompts.export(tmp_path / "run", tmp_path / "out", task_combine="project",
+                                   task_names=["a", "b"])
+  assert out["step"] == 5 and out["shape"] == [3, 4]
+  for t, name in enumerate("ab"):
+    np.testing.assert_allclose(np.load(tmp_path / "out" / f"{name}.npy"),
+                               shared @ kernel[t] + bias[t], atol=1e-5)
+  with pytest.raises(ValueError, match="task_kernel|task_prompts"):
+    export_task_prompts.export(tmp_path / "run", tmp_path / "out2", task_combine="add")
