@@ -240,6 +240,26 @@ def set_prompt(params: Mapping, prompt, index: int | None = None) -> Mapping:
   return _replace_path(params, keys, new_leaf, frozen=isinstance(params, FrozenDict))
 
 
+def add_missing_prompt_params(params: Mapping, prompt_config: prompts_lib.PromptConfig, *,
+                              d_model: int, num_layers: int, rng) -> Mapping:
+  """`params` with the prompt module's other variables added where absent, freshly initialised.
+
+  A frozen checkpoint plus `set_prompt` holds only `encoder/prompt/prompt`; per-layer prompts
+  (`layer_prompts`) and multi-task prompts' task parameters get the initialisers their module
+  declares. Variables already present (e.g. from a full `model.init`) are kept.
+  """
+  import flax.linen as nn
+  module = prompts_lib.Prompt(prompt_config, d_model, num_layers=num_layers)
+  fresh = nn.meta.unbox(module.init(rng, jnp.zeros((1, 1, d_model), jnp.float32),
+                                    jnp.ones((1, 1), bool))["params"])
+  present = params.get("encoder", {}).get("prompt", {})
+  for name, value in fresh.items():
+    if name != PROMPT_PATH[-1] and name not in present:
+      params = _replace_path(params, PROMPT_PATH[:-1] + (name,), jnp.asarray(value, jnp.float32),
+                             frozen=isinstance(params, FrozenDict))
+  return params
+
+
 def _prompt_keys(params: Mapping) -> tuple[str, ...]:
   if "encoder" not in params and "params" in params:
     return ("params",) + PROMPT_PATH

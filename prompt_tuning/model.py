@@ -7,7 +7,10 @@ load by name; every parameter and activation carries T5X logical axis names, so 
 runs on one CPU or sharded over a mesh.
 
 An optional `PromptConfig` adds the trainable prompt at `encoder/prompt/prompt`, inserted into
-the embedded encoder input before dropout. Everything else is the frozen model.
+the embedded encoder input before dropout (with `per_layer` set, also a prompt per later
+encoder layer, injected at the prompt positions of that layer's input). Everything else is the
+frozen model. Multi-task prompts (`num_tasks`) read each example's task from its first input
+token, which the encoder drops.
 
 Speed and scale options (all in `T5Config`, all off by default so float32 stays exact):
 `matmul_dtype="bfloat16"` rounds every weight matmul's inputs to bfloat16 and accumulates in
@@ -395,23 +398,48 @@ class Encoder(nn.Module):
                enable_dropout: bool = False) -> Array:
     cfg = self.config
     deterministic = not enable_dropout
+    task_index_B = None
+    if self.prompt is not None and self.prompt.reads_task_token:
+      task_index_B, tokens_BxL = prompts_lib.split_task_token(tokens_BxL, self.prompt)
     x = self.shared_embedding(tokens_BxL)
     valid = masks.token_mask(tokens_BxL)
+    input_valid = valid
+    layer_prompts = None  # per-layer prompts of layers 1.. ([layers - 1, P, D])
     if self.prompt is not None:
-      x, valid = prompts_lib.Prompt(self.prompt, cfg.d_model, name="prompt")(
-          x, valid, prompt_index_B)
+      prompt = prompts_lib.Prompt(self.prompt, cfg.d_model, num_layers=cfg.num_encoder_layers,
+                                  name="prompt")
+      x, valid = prompt(x, valid, prompt_index_B, task_index_B)
+      if self.prompt.per_layer != "none":
+        layer_prompts = prompt.layer_prompts()
     x = constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     length = x.shape[1]
     bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(length, length)
     bias = bias + masks.mask_to_bias(masks.fully_visible_mask(valid, valid))
     layer = _remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
+
+    def inject(x, layer_prompt_PxD):
+      return prompts_lib.inject_layer_prompt(x, layer_prompt_PxD, input_valid,
+                                             self.prompt.combine, self.prompt.per_layer)
     if cfg.scan_layers:
-      body = lambda mdl, x, bias: (mdl(x, bias, deterministic), None)
-      x, _ = _scan_layers(body, cfg.num_encoder_layers, nn.broadcast)(
-          layer(cfg, name="layers"), x, bias)
+      if layer_prompts is None:
+        body = lambda mdl, x, bias: (mdl(x, bias, deterministic), None)
+        x, _ = _scan_layers(body, cfg.num_encoder_layers, nn.broadcast)(
+            layer(cfg, name="layers"), x, bias)
+      else:
+        # Layer 0's input already holds the input prompt: a zero row and a False flag for it.
+        stacked = jnp.concatenate([jnp.zeros_like(layer_prompts[:1]), layer_prompts], axis=0)
+        flags = jnp.arange(cfg.num_encoder_layers) > 0
+
+        def body(mdl, x, bias, layer_prompt_PxD, flag):
+          x = jnp.where(flag, inject(x, layer_prompt_PxD), x)
+          return mdl(x, bias, deterministic), None
+        x, _ = _scan_layers(body, cfg.num_encoder_layers, (nn.broadcast, 0, 0))(
+            layer(cfg, name="layers"), x, bias, stacked, flags)
     else:
       for i in range(cfg.num_encoder_layers):
+        if layer_prompts is not None and i > 0:
+          x = inject(x, layer_prompts[i - 1])
         x = layer(cfg, name=f"layers_{i}")(x, bias, deterministic)
     x = RMSNorm(cfg, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -487,10 +515,12 @@ class T5(nn.Module):
 
   def encoder_valid(self, encoder_input_tokens: Array) -> Array:
     """Validity of each encoder output position (prompt + non-pad input)."""
-    valid = masks.token_mask(encoder_input_tokens)
     if self.prompt is None:
-      return valid
-    return prompts_lib.combine_mask(valid, self.prompt.length, self.prompt.combine)
+      return masks.token_mask(encoder_input_tokens)
+    if self.prompt.reads_task_token:  # the task sentinel is not part of the encoded input
+      encoder_input_tokens = prompts_lib.split_task_token(encoder_input_tokens, self.prompt)[1]
+    valid = masks.token_mask(encoder_input_tokens)
+    return prompts_lib.combine_mask(valid, self.prompt.total_length, self.prompt.combine)
 
   def encode(self, encoder_input_tokens: Array, *, prompt_index: Array | None = None,
              enable_dropout: bool = False) -> Array:

@@ -16,6 +16,19 @@ import jax.numpy as jnp
 import optax
 
 PROMPT_PATTERNS = (r"^encoder/prompt/prompt$",)
+# Every variable of the prompt module: per-layer prompts, shared + task prompts.
+ALL_PROMPT_PATTERNS = (r"^encoder/prompt/.*",)
+# Multi-task prompts with the shared prompt frozen: only the task parameters train.
+TASK_PROMPT_PATTERNS = (r"^encoder/prompt/task_.*",)
+
+
+def multitask_patterns(train: str = "both") -> tuple[str, ...]:
+  """Trainable patterns of multi-task prompts: 'both', 'tasks' (shared frozen) or 'shared'."""
+  choices = {"both": ALL_PROMPT_PATTERNS, "tasks": TASK_PROMPT_PATTERNS,
+             "shared": PROMPT_PATTERNS}
+  if train not in choices:
+    raise ValueError(f"multi-task prompts train {train!r}?; choose one of {tuple(choices)}")
+  return choices[train]
 ALL_PATTERNS = (r".*",)
 
 

@@ -33,6 +33,9 @@ _BASE_RULES: Rules = (
     ("prompt", None),
     ("prompt_embed", None),
     ("prompt_bank", None),
+    ("prompt_layers", None),
+    ("prompt_tasks", None),
+    ("prompt_embed_out", None),
 )
 
 

@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 
 COMBINATIONS = ("prefix", "prefix_after_bos", "suffix_before_eos", "suffix")
+# Per-layer ("deep") prompts: what a layer's prompt does to the prompt positions' hidden states.
+PER_LAYER_MODES = ("none", "replace", "add")
+# Multi-task prompts: how a task's parameters turn the shared prompt into that task's prompt.
+TASK_COMBINATIONS = ("concat", "add", "project")
 PROMPT_PATH = ("encoder", "prompt", "prompt")
+LAYER_PROMPTS_PATH = ("encoder", "prompt", "layer_prompts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +38,25 @@ class PromptConfig:
   combine: str = "prefix"
   # A bank of `bank_size` prompts selected per example by `prompt_index` (None: one prompt).
   bank_size: int | None = None
+  # Per-layer ("deep") prompts: besides the input prompt (layer 0's input), every later encoder
+  # layer gets its own trainable prompt `encoder/prompt/layer_prompts` [layers - 1, P, D] that
+  # "replace"s the prompt positions' hidden states at that layer's input, or is "add"ed to them
+  # (the original's `replace_prompt` / `add_prompt`); "none": the paper's input prompt only.
+  per_layer: str = "none"
+  # Multi-task prompts over `num_tasks` tasks (None: off). `encoder/prompt/prompt` is then the
+  # shared prompt [length, D]; each example's first input token is its task sentinel (the
+  # `task_index_` tasks' `<extra_id_t>`), read as task `task_token_base - token` and dropped from
+  # the input. `task_combine` makes the task's prompt: "concat" (shared rows, then the task's own
+  # `task_prompts` [num_tasks, task_length, D]), "add" (shared + `task_prompts`
+  # [num_tasks, length, D], which start at zero) or "project" (a per-task affine map of the
+  # shared rows, `task_kernel` [num_tasks, D, D] from the identity, `task_bias` [num_tasks, D]
+  # from zero) -- the original's concat / add / project multi-task prompts.
+  num_tasks: int | None = None
+  task_combine: str = "concat"
+  task_length: int | None = None  # "concat" only; None: `length`
+  # The token id of task 0's sentinel: the vocabulary's `vocab_size - 1` (<extra_id_0>), 32099
+  # for T5's SentencePiece vocabulary, 258 for ByT5's / the demo's byte vocabulary.
+  task_token_base: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.length, int) or self.length <= 0:
@@ -41,7 +65,41 @@ class PromptConfig:
       raise ValueError(f"PromptConfig.combine={self.combine!r}; choose one of {COMBINATIONS}")
     if self.bank_size is not None and self.bank_size <= 0:
       raise ValueError(f"PromptConfig.bank_size must be positive or None, got {self.bank_size}")
+    if self.per_layer not in PER_LAYER_MODES:
+      raise ValueError(f"PromptConfig.per_layer={self.per_layer!r}; choose one of "
+                       f"{PER_LAYER_MODES}")
+    if self.per_layer != "none" and self.bank_size is not None:
+      raise ValueError("Per-layer prompts with a prompt bank are not supported: set "
+                       "PromptConfig.per_layer='none' or bank_size=None")
+    if self.num_tasks is not None:
+      if not isinstance(self.num_tasks, int) or self.num_tasks <= 0:
+        raise ValueError(f"PromptConfig.num_tasks must be a positive int or None, got "
+                         f"{self.num_tasks!r}")
+      if self.task_combine not in TASK_COMBINATIONS:
+        raise ValueError(f"PromptConfig.task_combine={self.task_combine!r}; choose one of "
+                         f"{TASK_COMBINATIONS}")
+      if self.task_token_base is None:
+        raise ValueError("Multi-task prompts read each example's task from its first token: set "
+                         "PromptConfig.task_token_base to the id of <extra_id_0> (the inputs "
+                         "vocabulary's vocab_size - 1: 32099 for T5, 258 for bytes)")
+      if self.bank_size is not None or self.per_layer != "none":
+        raise ValueError("Multi-task prompts do not combine with a prompt bank or per-layer "
+                         "prompts: set bank_size=None and per_layer='none'")
+      if self.task_length is not None and (self.task_combine != "concat" or
+                                           self.task_length <= 0):
+        raise ValueError(f"PromptConfig.task_length={self.task_length!r} needs "
+                         "task_combine='concat' and a positive length")
 
+  @property
+  def total_length(self) -> int:
+    """Rows the encoder sees: with concatenated multi-task prompts, shared + task rows."""
+    if self.num_tasks is not None and self.task_combine == "concat":
+      return self.length + (self.task_length or self.length)
+    return self.length
+
+  @property
+  def reads_task_token(self) -> bool:
+    return self.num_tasks is not None
   @property
   def shape_suffix(self) -> tuple[int, ...]:
     return () if self.bank_size is None else (self.bank_size,)
@@ -107,15 +165,83 @@ def _insertion_indices(valid_BxL, plen, combine_mode):
   return valid_out, from_prompt, src_x, src_p
 
 
+def split_task_token(tokens_BxL: jnp.ndarray, config: PromptConfig
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`(task_index_B, tokens_Bx(L-1))`: each row's task from its first token, which is dropped.
+
+  Indices outside `[0, num_tasks)` (an all-padding row, whose first token is 0, or a sentinel
+  from another vocabulary) are clipped into range; those rows still get some task's prompt.
+  """
+  task_B = config.task_token_base - tokens_BxL[:, 0].astype(jnp.int32)
+  return jnp.clip(task_B, 0, config.num_tasks - 1), tokens_BxL[:, 1:]
+
+
+def task_prompts(shared_PxD: jnp.ndarray, task_params: dict, task_combine: str) -> jnp.ndarray:
+  """Every task's effective prompt `[num_tasks, P_eff, D]` from the shared prompt.
+
+  The model takes each example's row of this; exports write it, so an exported task prompt is
+  exactly what that task's examples saw.
+  """
+  shared_PxD = shared_PxD.astype(jnp.float32)
+  if task_combine == "concat":
+    rows_TxPtxD = task_params["task_prompts"]
+    shared_TxPxD = jnp.broadcast_to(shared_PxD[None], (rows_TxPtxD.shape[0],) + shared_PxD.shape)
+    return jnp.concatenate([shared_TxPxD, rows_TxPtxD], axis=1)
+  if task_combine == "add":
+    return shared_PxD[None] + task_params["task_prompts"]
+  if task_combine == "project":
+    projected = jnp.einsum("pd,tde->tpe", shared_PxD, task_params["task_kernel"])
+    return projected + task_params["task_bias"][:, None, :]
+  raise ValueError(f"Unknown task_combine {task_combine!r}; choose one of {TASK_COMBINATIONS}")
+
+
+def _zeros(rng, shape, dtype=jnp.float32):
+  del rng
+  return jnp.zeros(shape, dtype)
+
+
+def _identities(rng, shape, dtype=jnp.float32):
+  del rng
+  return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+
+def inject_layer_prompt(hidden_BxTxD: jnp.ndarray, layer_prompt_PxD: jnp.ndarray,
+                        valid_BxL: jnp.ndarray, combine_mode: str = "prefix",
+                        mode: str = "replace") -> jnp.ndarray:
+  """A layer's prompt put at the prompt positions of `hidden` (the combined sequence).
+
+  `valid_BxL` is the validity of the input *before* the prompt was combined (it says where the
+  prompt sits for the non-prefix combinations). "replace" overwrites those hidden states, "add"
+  adds the layer prompt to them; every other position is returned unchanged.
+  """
+  plen = layer_prompt_PxD.shape[0]
+  layer_prompt_PxD = layer_prompt_PxD.astype(hidden_BxTxD.dtype)
+  if combine_mode == "prefix":
+    head = hidden_BxTxD[:, :plen]
+    new_head = (jnp.broadcast_to(layer_prompt_PxD[None], head.shape) if mode == "replace"
+                else head + layer_prompt_PxD[None])
+    return jnp.concatenate([new_head, hidden_BxTxD[:, plen:]], axis=1)
+  _, from_prompt, _, src_p = _insertion_indices(valid_BxL, plen, combine_mode)
+  rows_BxTxD = jnp.take(layer_prompt_PxD, src_p, axis=0)
+  at_prompt = from_prompt[..., None]
+  if mode == "replace":
+    return jnp.where(at_prompt, rows_BxTxD, hidden_BxTxD)
+  return hidden_BxTxD + jnp.where(at_prompt, rows_BxTxD, jnp.zeros_like(rows_BxTxD))
+
+
 class Prompt(nn.Module):
-  """The trainable prompt parameter and its insertion into the encoder input."""
+  """The trainable prompt parameter and its insertion into the encoder input.
+
+  With `config.per_layer` set it also holds the later layers' prompts (`layer_prompts`,
+  `[num_layers - 1, P, D]`), which the encoder injects with `inject_layer_prompt`.
+  """
 
   config: PromptConfig
   d_model: int
   init_fn: Callable = dataclasses.field(default_factory=random_uniform)
+  num_layers: int = 1  # encoder layers; only per-layer prompts need it
 
-  @nn.compact
-  def __call__(self, embedded_BxLxD, valid_BxL, prompt_index_B=None):
+  def setup(self):
     cfg = self.config
     if cfg.bank_size is None:
       axes = ("prompt", "prompt_embed")
@@ -123,10 +249,47 @@ class Prompt(nn.Module):
     else:
       axes = ("prompt_bank", "prompt", "prompt_embed")
       shape = (cfg.bank_size, cfg.length, self.d_model)
-    prompt = self.param("prompt", nn.with_logical_partitioning(self.init_fn, axes), shape,
-                        jnp.float32)
+    self.prompt_table = self.param("prompt", nn.with_logical_partitioning(self.init_fn, axes),
+                                   shape, jnp.float32)
+    if cfg.per_layer != "none":
+      if self.num_layers < 2:
+        raise ValueError(f"Per-layer prompts need an encoder of 2 or more layers; this one has "
+                         f"{self.num_layers}")
+      self.layer_table = self.param(
+          "layer_prompts", nn.with_logical_partitioning(
+              self.init_fn, ("prompt_layers", "prompt", "prompt_embed")),
+          (self.num_layers - 1, cfg.length, self.d_model), jnp.float32)
+    if cfg.num_tasks is not None:
+      t, d = cfg.num_tasks, self.d_model
+      param = lambda name, init, axes, shape: self.param(
+          name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+      task_axes = ("prompt_tasks", "prompt", "prompt_embed")
+      if cfg.task_combine == "concat":
+        self.task_params = {"task_prompts": param(
+            "task_prompts", self.init_fn, task_axes, (t, cfg.task_length or cfg.length, d))}
+      elif cfg.task_combine == "add":  # zero: every task starts at the shared prompt
+        self.task_params = {"task_prompts": param("task_prompts", _zeros, task_axes,
+                                                  (t, cfg.length, d))}
+      else:  # identity map and zero bias: every task starts at the shared prompt
+        self.task_params = {
+            "task_kernel": param("task_kernel", _identities,
+                                 ("prompt_tasks", "prompt_embed", "prompt_embed_out"), (t, d, d)),
+            "task_bias": param("task_bias", _zeros, ("prompt_tasks", "prompt_embed"), (t, d))}
+
+  def layer_prompts(self) -> jnp.ndarray:
+    """`[num_layers - 1, P, D]`: the prompt of encoder layers 1, 2, ... (per-layer prompts)."""
+    return self.layer_table
+
+  def __call__(self, embedded_BxLxD, valid_BxL, prompt_index_B=None, task_index_B=None):
+    cfg = self.config
+    prompt = self.prompt_table
     batch = embedded_BxLxD.shape[0]
-    if cfg.bank_size is None:
+    if cfg.num_tasks is not None:
+      if task_index_B is None:
+        task_index_B = jnp.zeros((batch,), jnp.int32)
+      every_TxPxD = task_prompts(prompt, self.task_params, cfg.task_combine)
+      prompt_BxPxD = jnp.take(every_TxPxD, task_index_B, axis=0)
+    elif cfg.bank_size is None:
       if prompt_index_B is not None:
         raise ValueError("prompt_index was given but the model has a single prompt; set "
                          "PromptConfig.bank_size to use a prompt bank")

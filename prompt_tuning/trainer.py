@@ -237,6 +237,9 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
           high=prompt_init.high, population=prompt_init.population))
     prompt = np.stack(rows) if shape else rows[0]
     params = initializers.set_prompt(params, prompt)
+    params = initializers.add_missing_prompt_params(
+        params, prompt_config, d_model=config.d_model, num_layers=config.num_encoder_layers,
+        rng=jax.random.fold_in(rng, 2000))
   _check_tree(params, boxed)
 
   trainable, frozen = optimizers.split_params(params, trainable_patterns)
