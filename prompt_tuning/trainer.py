@@ -1063,13 +1063,14 @@ def evaluate(*, eval_dataset: dataset_lib.DatasetConfig, model_dir: str | None =
   per step in `eval_all_checkpoints_<decoding>.jsonl` (written after each step). A file task
   the run in MODEL_DIR trained on is registered again from its run settings.
   """
+  config_lib.check_runtime(model_runtime)
+  # First: a mistyped MODEL_DIR is the error to report, not the settings it would have supplied.
+  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   check_required(MIXTURE_OR_TASK_NAME=eval_dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   check_positive(("EVAL_MAX_EXAMPLES",), EVAL_MAX_EXAMPLES=max_examples)
   if output_path:
     storage.check_run_folder(output_path, "OUTPUT_PATH", write=False)  # before any loading
-  config_lib.check_runtime(model_runtime)
-  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   _register_saved_file_task(model_dir, eval_dataset.mixture_or_task_name, eval_dataset.module)
   setup = _build_for_eval(
       eval_dataset, model_config=model_config, prompt_config=prompt_config,
@@ -1132,6 +1133,11 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
   - `score`: {inputs, target, score}, the target's log-likelihood under the model.
   Other modes than predict name their files `<task>-<step>.<mode>.jsonl`.
   """
+  if checkpoint_step == "all":
+    raise ValueError("CHECKPOINT_STEP='all' is for prompt_tuning.eval; infer takes one step")
+  config_lib.check_runtime(model_runtime)
+  # First: a mistyped MODEL_DIR is the error to report, not the settings it would have supplied.
+  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   check_required(INFER_OUTPUT_DIR=output_dir, MIXTURE_OR_TASK_NAME=dataset.mixture_or_task_name,
                  INITIAL_CHECKPOINT_PATH=initial_checkpoint_path, PROMPT_FILE=prompt_init.path)
   check_positive(("INFER_MAX_EXAMPLES",), INFER_MAX_EXAMPLES=max_examples)
@@ -1139,11 +1145,7 @@ def infer(*, dataset: dataset_lib.DatasetConfig, output_dir: str, model_dir: str
     raise ValueError(f"INFER_MODE={mode!r}; choose one of {evaluation_lib.INFER_MODES}")
   if num_return_sequences is not None and mode != "predict":
     raise ValueError("NUM_RETURN_SEQUENCES (n-best outputs) goes with INFER_MODE='predict'")
-  if checkpoint_step == "all":
-    raise ValueError("CHECKPOINT_STEP='all' is for prompt_tuning.eval; infer takes one step")
   out_dir = storage.check_run_folder(output_dir, "INFER_OUTPUT_DIR")  # before any loading
-  config_lib.check_runtime(model_runtime)
-  steps = _steps_to_evaluate(model_dir, checkpoint_step, prompt_init, prompt_config)
   _register_saved_file_task(model_dir, dataset.mixture_or_task_name, dataset.module)
   setup = _build_for_eval(
       dataset, model_config=model_config, prompt_config=prompt_config,

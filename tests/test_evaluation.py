@@ -194,6 +194,11 @@ def test_eval_refuses_a_model_dir_without_checkpoints(tmp_path, byte_model):
   gin.clear_config()
   with pytest.raises(ValueError, match="has no checkpoints"):
     eval_main.main(flags)
+  # With only MODEL_DIR (the run's settings would come from it), the typo is still what is said.
+  gin.clear_config()
+  only_dir = flags[:3] + [f"--gin.MODEL_DIR='{tmp_path / 'also_no_such_run'}'"]
+  with pytest.raises(ValueError, match="does not exist, so there is no trained prompt"):
+    eval_main.main(only_dir)
 
 
 # --- a short run, then every checkpoint and every infer mode ------------------------------------
