@@ -893,17 +893,34 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   with _Preemption() as preemption, part.activate():
+    watch = _NonFiniteWatch()
+
+    def check_finite():
+      """Fetches the watch (one host sync): before anything is logged, saved or evaluated."""
+      first_bad = watch.fetch()
+      if first_bad is None:
+        return
+      if not skip_nonfinite:
+        ckpt.close()
+        raise NonFiniteLossError(_nonfinite_message(watch.first_metrics, first_bad, last_saved,
+                                                    setup))
+      log.warning("Skipped %d non-finite batches (the first at step %d)", watch.skipped,
+                  first_bad)
+      watch.reset()
+
     while step < train_steps:
       batch = part.shard_batch(next(batches))
       state, metrics = step_fn(state, setup.frozen, batch, rng)
       step += 1
       window_steps += 1
-      # `finite` covers the loss, the gradients, the new parameters and their norms.
-      if not bool(partitioning.to_host(metrics["finite"])):
-        if not skip_nonfinite:
-          ckpt.close()
-          raise NonFiniteLossError(_nonfinite_message(metrics, step, last_saved, setup))
-        log.warning("Skipped a non-finite batch at step %d", step)
+      # `finite` covers the loss, the gradients, the new parameters and their norms. It stays on
+      # the device until the next log, save or evaluation: no host sync per step.
+      watch.add(step, metrics)
+      due = (step % log_period == 0 or step % checkpoint_period == 0 or step == train_steps
+             or preemption.requested
+             or (eval_dataset is not None and step % eval_period == 0))
+      if due:
+        check_finite()
       if step % log_period == 0 or step == train_steps:
         m = {k: float(partitioning.to_host(v)) for k, v in metrics.items()}
         now = time.time()
@@ -921,6 +938,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
         save_or_abort(step)
         last_saved = step
       if preemption.requested:  # checked after the periodic save: never saves a step twice
+        check_finite()  # the signal may have come after this step's check
         if last_saved != step:
           log.warning("%s: saving step %d before exiting%s", preemption.signal_name, step,
                       " (Ctrl-C again aborts the save)" if preemption.signal_name == "SIGINT"
@@ -943,6 +961,49 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
           "seconds": time.time() - t_start,
           "trainable_params": n_trainable, "frozen_params": n_frozen,
           "truncated_examples": batches.truncated_examples}
+
+
+class _NonFiniteWatch:
+  """The first non-finite step and its metrics, kept on the device (no per-step host sync).
+
+  `add` runs a few tiny device ops per step; `fetch` reads them back (one sync) and returns the
+  first non-finite step since the last `reset`, or None.
+  """
+
+  _KEYS = ("loss", "grad_norm", "param_norm")
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self._first = None   # device int32: first bad step, or -1
+    self._skipped = None
+    self._values = None
+    self.first_metrics, self.skipped = {}, 0
+
+  def add(self, step: int, metrics) -> None:
+    bad = ~metrics["finite"]
+    values = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in self._KEYS])
+    if self._first is None:
+      self._first = jnp.where(bad, step, -1).astype(jnp.int32)
+      self._skipped = bad.astype(jnp.int32)
+      self._values = values
+      return
+    new = bad & (self._first < 0)
+    self._first = jnp.where(new, step, self._first)
+    self._values = jnp.where(new, values, self._values)
+    self._skipped = self._skipped + bad.astype(jnp.int32)
+
+  def fetch(self) -> int | None:
+    if self._first is None:
+      return None
+    first = int(partitioning.to_host(self._first))
+    if first < 0:
+      return None
+    values = partitioning.to_host(self._values)
+    self.first_metrics = dict(zip(self._KEYS, values.tolist()))
+    self.skipped = int(partitioning.to_host(self._skipped))
+    return first
 
 
 def _nonfinite_message(metrics, step: int, last_saved: int | None, setup: Setup) -> str:
