@@ -9,8 +9,11 @@ a summary. Peak numbers are the H100 SXM dense TF32 / BF16 figures.
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np, flax, flax.linen as nn
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from prompt_tuning import T5, T5Config, PromptConfig, optimizers, train_lib, decoding
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, T5Config, PromptConfig
+from prompt_tuning.training import optimizers
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.inference import decoding
+from prompt_tuning.training.objective import EncoderDecoderModel
 
 print("devices", jax.devices(), "jax", jax.__version__, "flax", flax.__version__, flush=True)
 import os

@@ -27,11 +27,13 @@ import jax.numpy as jnp  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from prompt_tuning import decoding, optimizers, train_lib  # noqa: E402
-from prompt_tuning.config import T5Config  # noqa: E402
-from prompt_tuning.model import T5  # noqa: E402
-from prompt_tuning.models import EncoderDecoderModel  # noqa: E402
-from prompt_tuning.prompts import PromptConfig  # noqa: E402
+from prompt_tuning.inference import decoding
+from prompt_tuning.training import optimizers
+from prompt_tuning.training import step as train_lib  # noqa: E402
+from prompt_tuning.model.config import T5Config  # noqa: E402
+from prompt_tuning.model.t5 import T5  # noqa: E402
+from prompt_tuning.training.objective import EncoderDecoderModel  # noqa: E402
+from prompt_tuning.model.prompt import PromptConfig  # noqa: E402
 
 
 def build_config(args) -> T5Config:

@@ -9,17 +9,17 @@ import sys
 
 import gin
 
-from prompt_tuning import gin_utils
-from prompt_tuning import trainer
+from prompt_tuning.cli import gin_utils
+from prompt_tuning import runs
 
 
 def main(argv=None) -> dict:
-  trainer.configure_logging()
+  runs.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
-  evaluate = gin.configurable(trainer.evaluate, module="prompt_tuning.trainer")
+  evaluate = gin.configurable(runs.evaluate, module="prompt_tuning.runs")
   # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
-  remembered = lambda: trainer.remembered_settings(
-      gin_utils.bound_value("prompt_tuning.trainer.evaluate", "model_dir"))
+  remembered = lambda: runs.remembered_settings(
+      gin_utils.bound_value("prompt_tuning.runs.evaluate", "model_dir"))
   gin_utils.parse_args(argv, "Evaluate a prompt on a SeqIO task or mixture.", remembered=remembered)
   result = gin_utils.call_configured(evaluate)
   print(json.dumps(result, default=float))

@@ -7,17 +7,17 @@ import sys
 
 import gin
 
-from prompt_tuning import gin_utils
-from prompt_tuning import trainer
+from prompt_tuning.cli import gin_utils
+from prompt_tuning import runs
 
 
 def main(argv=None):
-  trainer.configure_logging()
+  runs.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
-  infer = gin.configurable(trainer.infer, module="prompt_tuning.trainer")
+  infer = gin.configurable(runs.infer, module="prompt_tuning.runs")
   # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
-  remembered = lambda: trainer.remembered_settings(
-      gin_utils.bound_value("prompt_tuning.trainer.infer", "model_dir"))
+  remembered = lambda: runs.remembered_settings(
+      gin_utils.bound_value("prompt_tuning.runs.infer", "model_dir"))
   gin_utils.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.",
                        remembered=remembered)
   paths = gin_utils.call_configured(infer)

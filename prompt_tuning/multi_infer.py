@@ -5,8 +5,8 @@ r"""Entry point: many prompts on one frozen model (a prompt bank).
   python -m prompt_tuning.multi_infer --gin_file=models/X.gin \
       --gin_file=runs/prompt_bank_infer.gin --gin.TASKS="['t1', 't2']" ...
 
-The run file's MULTI_PROMPT_MODE picks what runs: 'ensemble' (`multi_prompt.evaluate_ensemble`:
-N prompts of one task and their majority vote) or 'mixed' (`multi_prompt.infer_mixed`: one
+The run file's MULTI_PROMPT_MODE picks what runs: 'ensemble' (`runs.evaluate_ensemble`:
+N prompts of one task and their majority vote) or 'mixed' (`runs.infer_mixed`: one
 prompt per task, tasks mixed in each batch, JSONL predictions). Prints the results as JSON.
 """
 import json
@@ -14,17 +14,16 @@ import sys
 
 import gin
 
-from prompt_tuning import gin_utils
-from prompt_tuning import multi_prompt
-from prompt_tuning import trainer
+from prompt_tuning.cli import gin_utils
+from prompt_tuning import runs
 
-MODES = {"ensemble": multi_prompt.evaluate_ensemble, "mixed": multi_prompt.infer_mixed}
+MODES = {"ensemble": runs.evaluate_ensemble, "mixed": runs.infer_mixed}
 
 
 def main(argv=None) -> dict:
-  trainer.configure_logging()
+  runs.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
-  fns = {mode: gin.configurable(fn, module="prompt_tuning.multi_prompt")
+  fns = {mode: gin.configurable(fn, module="prompt_tuning.runs")
          for mode, fn in MODES.items()}
   gin_utils.parse_args(argv, "Evaluate a prompt ensemble, or serve several tasks' prompts in "
                              "mixed batches, on one frozen model.")

@@ -1,6 +1,6 @@
 """Entry point: `python -m prompt_tuning.train --gin_file=... --gin.MODEL_DIR="'...'"`.
 
-T5X-style flags (see gin_utils); the run's configuration is gin-bound `trainer.train`. Rerunning
+T5X-style flags (see gin_utils); the run's configuration is gin-bound `runs.train`. Rerunning
 the same command resumes MODEL_DIR's run; SIGTERM and Ctrl-C save the current step first
 (Ctrl-C then exits with status 130).
 """
@@ -9,14 +9,14 @@ import sys
 
 import gin
 
-from prompt_tuning import gin_utils
-from prompt_tuning import trainer
+from prompt_tuning.cli import gin_utils
+from prompt_tuning import runs
 
 
 def main(argv=None) -> dict:
-  trainer.configure_logging()
+  runs.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
-  train = gin.configurable(trainer.train, module="prompt_tuning.trainer")
+  train = gin.configurable(runs.train, module="prompt_tuning.runs")
   args = gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
   run_config = gin_utils.run_config(args.parsed)  # recorded with the run's settings
   result = gin_utils.call_configured(lambda: train(run_config=run_config))

@@ -29,7 +29,7 @@ def shared_fixtures():
 
 def tiny_config(**overrides):
   """A T5 1.1-style config small enough to compile in about a second."""
-  from prompt_tuning.config import T5Config
+  from prompt_tuning.model.config import T5Config
   base = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=2,
               num_decoder_layers=2, relative_attention_num_buckets=8,
               relative_attention_max_distance=16)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_tuning import dataset
+from prompt_tuning.data import dataset
 
 import tasks.demo  # noqa: F401  (registers demo_taskless_last)
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, decoding
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.inference import decoding
 from tests.conftest import tiny_config, tiny_hf_t5
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin" / "decoding"
@@ -338,7 +339,7 @@ def test_gin_files_bind_a_decoding_config(name, method):
 def test_greedy_matches_hf_generate(tmp_path):
   """Greedy token ids equal HF `generate` on a tiny random T5 1.1 loaded by `load_pretrained`."""
   torch = pytest.importorskip("torch")
-  pytest.importorskip("prompt_tuning.pretrained")
+  pytest.importorskip("prompt_tuning.formats.pretrained")
   import prompt_tuning
   hf_model = tiny_hf_t5()
   hf_model.save_pretrained(tmp_path)

@@ -2,8 +2,8 @@
 import gin
 import pytest
 
-from prompt_tuning import dataset
-from prompt_tuning import gin_utils
+from prompt_tuning.data import dataset
+from prompt_tuning.cli import gin_utils
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from prompt_tuning import T5
-from prompt_tuning import decoding
+from prompt_tuning.inference import decoding
 from prompt_tuning import eval as eval_main
 from prompt_tuning import infer as infer_main
-from prompt_tuning import optimizers
-from prompt_tuning import pretrained
+from prompt_tuning.training import optimizers
+from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
 from prompt_tuning.data import file_tasks
 from tests.conftest import tiny_config
@@ -217,7 +217,7 @@ def trained_run(tmp_path_factory, byte_model):
       "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_finetune.gin",
       f"--gin.INITIAL_CHECKPOINT_PATH='{byte_model}'", f"--gin.MODEL_DIR='{model_dir}'", *DEMO,
       "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=2",
-      "--gin.EVAL_PERIOD=1000", "--gin.DROPOUT_RATE=0.0", "--gin.trainer.train.eval_dataset=None"])
+      "--gin.EVAL_PERIOD=1000", "--gin.DROPOUT_RATE=0.0", "--gin.runs.train.eval_dataset=None"])
   gin.clear_config()
   return str(model_dir)
 
@@ -249,7 +249,8 @@ def test_infer_modes_score_aux_and_n_best(tmp_path, trained_run, byte_model):
   """T5X infer modes: `score` writes each target's log-likelihood (equal to an independent
   teacher-forced scoring), `predict_with_aux` the decodes' scores, and beam search's n-best
   hypotheses come best first."""
-  from prompt_tuning import checkpoints, trainer
+  from prompt_tuning.training import checkpoints
+  from prompt_tuning.runs import trainer
   base = _demo_flags("prompt_infer.gin", byte_model, trained_run, "--gin.BATCH_SIZE=8",
                      "--gin.INFER_MAX_EXAMPLES=6", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'")
   read = lambda p: [json.loads(l) for l in pathlib.Path(p).read_text().splitlines()]

@@ -9,7 +9,7 @@ import gin
 import pytest
 
 from prompt_tuning import eval as eval_main
-from prompt_tuning import gin_utils
+from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
 from prompt_tuning import multi_infer
 from prompt_tuning import train as train_main
@@ -63,7 +63,7 @@ def test_a_macro_of_a_file_not_loaded_names_that_file():
 
 
 def test_a_lowercase_macro_binding_is_refused_too():
-  """`--gin.train_steps=5` binds a macro named train_steps, not trainer.train.train_steps."""
+  """`--gin.train_steps=5` binds a macro named train_steps, not runs.train.train_steps."""
   with pytest.raises(ValueError, match="did you mean TRAIN_STEPS"):
     gin_utils.parse_args(_train_flags("/unused", "--gin_bindings=train_steps = 5"), "")
 
@@ -78,7 +78,7 @@ def test_known_macros_still_parse():
 
 
 def test_a_macro_only_a_binding_references_parses():
-  gin_utils.parse_args(_train_flags("/unused", "--gin.trainer.train.train_steps=%STEPS",
+  gin_utils.parse_args(_train_flags("/unused", "--gin.runs.train.train_steps=%STEPS",
                                     "--gin.STEPS=7"), "")
   assert gin.query_parameter("STEPS/macro.value") == 7
 
@@ -89,8 +89,8 @@ def test_a_macro_of_an_included_file_parses(tmp_path, use):
   (tmp_path / "top.gin").write_text("include 'runs/prompt_finetune.gin'\ninclude 'extra.gin'\n")
   (tmp_path / "extra.gin").write_text(
       "MY_STEPS = 11\n" if use == "defines" else
-      "from __gin__ import dynamic_registration\nfrom prompt_tuning import trainer\n"
-      "trainer.train.train_steps = %MY_STEPS\n")
+      "from __gin__ import dynamic_registration\nfrom prompt_tuning import runs\n"
+      "runs.train.train_steps = %MY_STEPS\n")
   gin_utils.parse_args(["--gin_file=models/from_checkpoint.gin", "--gin_file=top.gin",
                         f"--gin_search_paths={tmp_path}", "--gin.MY_STEPS=5"], "")
   assert gin.query_parameter("MY_STEPS/macro.value") == 5
@@ -111,9 +111,9 @@ def test_a_macro_defined_by_a_later_gin_file_parses():
 
 
 def test_an_unknown_parameter_keeps_gins_error():
-  with pytest.raises(ValueError, match="'trainer.train' doesn't have a parameter named "
+  with pytest.raises(ValueError, match="'runs.train' doesn't have a parameter named "
                                        "'train_step'"):
-    train_main.main(_train_flags("/unused", "--gin.trainer.train.train_step=3"))
+    train_main.main(_train_flags("/unused", "--gin.runs.train.train_step=3"))
 
 
 def _documented_commands():
@@ -143,7 +143,7 @@ def test_documented_commands_still_parse(argv):
     ("--gin.TRAIN_STEPS=0", "TRAIN_STEPS must be a positive integer, got 0"),
     ("--gin.CHECKPOINT_PERIOD=0", "CHECKPOINT_PERIOD must be a positive integer, got 0"),
     ("--gin.EVAL_PERIOD=0", "EVAL_PERIOD must be a positive integer, got 0"),
-    ("--gin.trainer.train.log_period=0", "trainer.train.log_period must be a positive integer"),
+    ("--gin.runs.train.log_period=0", "runs.train.log_period must be a positive integer"),
     ("--gin.NUM_MICROBATCHES=0", "NUM_MICROBATCHES must be a positive integer, got 0"),
     ("--gin.KEEP_CHECKPOINTS=0", r"KEEP_CHECKPOINTS must be a positive integer or None \(no "
                                  r"limit\), got 0"),
@@ -187,7 +187,7 @@ def test_eval_and_infer_refuse_a_limit_of_zero_or_less(tmp_path, main, run_file,
 def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
   """`make demo` writes ./runs/demo; gin then saw a namespace package `runs` and every
   `include 'runs/...'` failed with a TypeError from inside gin."""
-  from prompt_tuning import gin_utils
+  from prompt_tuning.cli import gin_utils
   (tmp_path / "runs" / "demo").mkdir(parents=True)
   monkeypatch.chdir(tmp_path)
   monkeypatch.syspath_prepend(str(tmp_path))

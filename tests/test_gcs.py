@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_tuning import checkpoints
-from prompt_tuning import dataset
+from prompt_tuning.training import checkpoints
+from prompt_tuning.data import dataset
 from prompt_tuning import eval as eval_main
 from prompt_tuning import infer as infer_main
-from prompt_tuning import pretrained
-from prompt_tuning import prompt_io
-from prompt_tuning import storage
+from prompt_tuning.formats import pretrained
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats import storage
 from prompt_tuning import train as train_main
-from prompt_tuning import train_lib
+from prompt_tuning.training import step as train_lib
 from prompt_tuning.scripts import export_prompt
 from tests.test_reliability import NO_EVAL, STEPS, _final_prompt, _kill_when
 from tests.test_reliability import reference  # noqa: F401  pylint: disable=unused-import
@@ -174,7 +174,7 @@ def test_initial_checkpoint_on_gs(tmp_path, gcs_dir, frozen_checkpoint, fmt):
 def test_train_into_a_missing_bucket_fails_before_any_step(gcs_emulator, frozen_checkpoint,
                                                            capsys):
   """The start-up probe: one line naming MODEL_DIR, the object it tried and the fix; exit 2."""
-  from prompt_tuning import gin_utils
+  from prompt_tuning.cli import gin_utils
   with pytest.raises(SystemExit) as e:
     gin_utils.run_main(lambda: train_main.main(
         _flags("gs://no-such-bucket-here/run", frozen_checkpoint, NO_EVAL)))

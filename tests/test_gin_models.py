@@ -5,9 +5,9 @@ import pathlib
 import gin
 import pytest
 
-from prompt_tuning import gin_utils
-from prompt_tuning import pretrained
-from prompt_tuning.config import PRESETS, T5Config
+from prompt_tuning.cli import gin_utils
+from prompt_tuning.formats import pretrained
+from prompt_tuning.model.config import PRESETS, T5Config
 from tests.conftest import fixture_path
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "gin" / "models"
@@ -108,7 +108,7 @@ def test_load_pretrained_with_a_gin_config(fresh_gin, tmp_path):
   gin_file = tmp_path / "t5x_tiny.gin"
   gin_file.write_text("""# The shared fixture's architecture.
 from __gin__ import dynamic_registration
-from prompt_tuning import config
+from prompt_tuning.model import config
 
 MODEL_CONFIG = @config.T5Config()
 config.T5Config:

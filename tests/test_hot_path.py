@@ -4,9 +4,9 @@ import gin
 import numpy as np
 import pytest
 
-from prompt_tuning import partitioning
+from prompt_tuning.model import partitioning
 from prompt_tuning import train as train_main
-from prompt_tuning import trainer
+from prompt_tuning.runs import trainer
 from tests.test_trainer import _flags, frozen_checkpoint  # noqa: F401  (module fixture)
 
 
@@ -27,11 +27,11 @@ def _host_fetches(monkeypatch, tmp_path, checkpoint, steps):
 
   monkeypatch.setattr(trainer.partitioning, "to_host", counting)
   gin.clear_config()
-  flags = _flags(tmp_path / f"run{steps}", checkpoint, "--gin.trainer.train.eval_dataset=None",
+  flags = _flags(tmp_path / f"run{steps}", checkpoint, "--gin.runs.train.eval_dataset=None",
                  steps=steps)
   # One log and one checkpoint, at the last step, whatever the number of steps.
   flags = [f for f in flags if "log_period" not in f and "CHECKPOINT_PERIOD" not in f]
-  train_main.main(flags + [f"--gin.trainer.train.log_period={steps}",
+  train_main.main(flags + [f"--gin.runs.train.log_period={steps}",
                            f"--gin.CHECKPOINT_PERIOD={steps}"])
   return len(calls)
 
@@ -48,7 +48,9 @@ def test_training_fetches_nothing_from_the_device_per_step(monkeypatch, tmp_path
 def test_evaluation_compiles_once_per_run(frozen_checkpoint):
   """Two evaluation periods: the second compiles nothing (a fresh `jax.jit(lambda)` per call
   used to recompile the eval, predict and score functions every period)."""
-  from prompt_tuning import dataset, evaluation, optimizers
+  from prompt_tuning.data import dataset
+  from prompt_tuning.inference import evaluation
+  from prompt_tuning.training import optimizers
   import tasks.demo  # noqa: F401
   lengths = {"inputs": 32, "targets": 8}
   setup = trainer.build(

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import initializers
-from prompt_tuning.model import T5
-from prompt_tuning.prompts import PromptConfig
+from prompt_tuning.prompts import initializers
+from prompt_tuning.model.t5 import T5
+from prompt_tuning.model.prompt import PromptConfig
 from tests.conftest import fixture_path, tiny_config
 
 # Ids the T5 SentencePiece model gives these labels (no EOS), written out so the test does not

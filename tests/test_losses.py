@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import losses
+from prompt_tuning.training import losses
 
 
 def _reference(logits, targets, z_loss, label_smoothing):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from prompt_tuning import T5, PromptConfig
-from prompt_tuning import model as model_lib
-from prompt_tuning import partitioning
+from prompt_tuning.model import t5 as model_lib
+from prompt_tuning.model import partitioning
 from tests.conftest import tiny_config
 
 ENC = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0], [11, 12, 13, 1, 0, 0],

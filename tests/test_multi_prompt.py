@@ -12,8 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, decoding, initializers, multi_infer, multi_prompt
-from prompt_tuning import pretrained, prompt_io
+from prompt_tuning import T5, PromptConfig, multi_infer
+from prompt_tuning.inference import decoding
+from prompt_tuning.prompts import initializers
+from prompt_tuning.runs import ensembles as multi_prompt
+from prompt_tuning.formats import pretrained
+from prompt_tuning.formats import prompt_io
 from tests.conftest import tiny_config
 
 CONFIG = tiny_config(num_encoder_layers=1)
@@ -177,7 +181,7 @@ def test_cli_ensemble_eval_and_mixed_inference_agree(tmp_path):
             f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
             "--gin.MIXTURE_OR_TASK_MODULE='tasks.demo'",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 6}", "--gin.BATCH_SIZE=8",
-            "--gin.trainer.PartitionConfig.num_devices=1"]  # one device: a faster compile
+            "--gin.runs.PartitionConfig.num_devices=1"]  # one device: a faster compile
   result = multi_infer.main(common + [
       "--gin_file=runs/prompt_ensemble_eval.gin", f"--gin.PROMPT_FILES={files}",
       "--gin.MIXTURE_OR_TASK_NAME='demo_taskless_last'", "--gin.EVAL_MAX_EXAMPLES=5",

@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, optimizers, prompts, train_lib
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.training import optimizers
+from prompt_tuning.model import prompt as prompts
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 from tests.test_train_lib import _batch
 

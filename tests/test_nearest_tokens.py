@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, pretrained
+from prompt_tuning import T5
+from prompt_tuning.formats import pretrained
 from prompt_tuning.scripts import nearest_tokens
 from tests.conftest import fixture_path, tiny_config
 

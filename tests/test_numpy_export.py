@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from prompt_tuning import checkpoints
-from prompt_tuning import prompt_io
+from prompt_tuning.training import checkpoints
+from prompt_tuning.formats import prompt_io
 
 
 def prompt(seed=0, shape=(3, 8)):

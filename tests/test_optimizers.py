@@ -7,7 +7,7 @@ import flax
 import numpy as np
 import pytest
 
-from prompt_tuning import optimizers
+from prompt_tuning.training import optimizers
 
 PARAMS = {
     "dogs": np.zeros(1),

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, optimizers, train_lib
-from prompt_tuning import model as model_lib
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.training import optimizers
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.model import t5 as model_lib
+from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

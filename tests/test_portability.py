@@ -8,7 +8,10 @@ import pytest
 from flax import serialization
 
 import prompt_tuning
-from prompt_tuning import PromptConfig, T5, decoding, initializers, prompt_io
+from prompt_tuning import PromptConfig, T5
+from prompt_tuning.inference import decoding
+from prompt_tuning.prompts import initializers
+from prompt_tuning.formats import prompt_io
 from tests.conftest import tiny_hf_t5
 
 PROMPT_LENGTH, MAX_LEN = 3, 10

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import pretrained
-from prompt_tuning.config import T5Config
-from prompt_tuning.model import T5
+from prompt_tuning.formats import pretrained
+from prompt_tuning.model.config import T5Config
+from prompt_tuning.model.t5 import T5
 from tests.conftest import fixture_path, tiny_config
 
 V = 100  # vocabulary of the random HF models

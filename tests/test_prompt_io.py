@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from prompt_tuning import prompt_io
-from prompt_tuning.prompt_io import PromptFileError
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats.prompt_io import PromptFileError
 from tests.conftest import fixture_path
 
 
@@ -193,7 +193,9 @@ def test_peft_decoder_block_is_left_out_loudly_and_ours_decodes_as_peft(tmp_path
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
   import prompt_tuning
-  from prompt_tuning import PromptConfig, T5, decoding, initializers
+  from prompt_tuning import PromptConfig, T5
+  from prompt_tuning.inference import decoding
+  from prompt_tuning.prompts import initializers
   from tests.conftest import tiny_hf_t5
   hf_model = tiny_hf_t5()
   base_dir = tmp_path / "hf_t5"

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from prompt_tuning import checkpoints
-from prompt_tuning import masks
-from prompt_tuning import prompt_io
-from prompt_tuning import prompts
+from prompt_tuning.training import checkpoints
+from prompt_tuning.model import masks
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.model import prompt as prompts
 
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, initializers, pretrained, prompt_io, recycling
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.prompts import initializers
+from prompt_tuning.formats import pretrained
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.prompts import recycling
 from prompt_tuning.scripts import recycle_prompt
 from tests.conftest import tiny_config
 

@@ -26,20 +26,20 @@ import seqio
 import tensorflow as tf
 
 from prompt_tuning import T5
-from prompt_tuning import checkpoints
-from prompt_tuning import dataset
+from prompt_tuning.training import checkpoints
+from prompt_tuning.data import dataset
 from prompt_tuning import eval as eval_main
-from prompt_tuning import gin_utils
+from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
-from prompt_tuning import pretrained
+from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
-from prompt_tuning import trainer
+from prompt_tuning.runs import trainer
 from tests.conftest import fixture_path, hf_folder, tiny_config
 from tests.test_trainer import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
 STEPS = 6  # checkpoints at 3 and 6 (CHECKPOINT_PERIOD=3 in _flags)
-NO_EVAL = "--gin.trainer.train.eval_dataset=None"  # eval is not what these tests exercise
+NO_EVAL = "--gin.runs.train.eval_dataset=None"  # eval is not what these tests exercise
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +234,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert 3 < bad_steps[0] <= STEPS
   model_dir = tmp_path / "run"
   # A NaN in a frozen weight is refused at load (a damaged checkpoint) unless allowed.
-  allow = "--gin.trainer.train.allow_nonfinite_frozen=True"
+  allow = "--gin.runs.train.allow_nonfinite_frozen=True"
   with pytest.raises(SystemExit):  # through the entry point: one line, no traceback
     gin_utils.run_main(lambda: _train(model_dir, checkpoint, allow))
   err = capsys.readouterr().err
@@ -246,7 +246,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert [p.name for p in exports] == ["checkpoint_3"]
   assert np.isfinite(_final_prompt(model_dir, 3)).all()
 
-  _train(model_dir, checkpoint, allow, "--gin.trainer.train.skip_nonfinite=True",
+  _train(model_dir, checkpoint, allow, "--gin.runs.train.skip_nonfinite=True",
          "--gin.CHECKPOINT_PERIOD=1", steps=SKIP_STEPS)
   rows = [json.loads(l) for l in (model_dir / "metrics_train.jsonl").read_text().splitlines()]
   resumed = {r["step"]: r for r in rows[-(SKIP_STEPS - 3):]}
@@ -569,7 +569,7 @@ def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, fro
   flags.append("--gin.MODEL_DIR='s3://bucket/run'")
   # Only the flags the eval/infer run files use: a macro no loaded file uses is refused.
   train_only = ("--gin.TRAIN_STEPS", "--gin.CHECKPOINT_PERIOD", "--gin.EVAL_PERIOD",
-                "--gin.trainer.train.")
+                "--gin.runs.train.")
   if entry == "eval":
     flags = [f.replace("runs/prompt_finetune.gin", "runs/prompt_eval.gin") for f in flags
              if not f.startswith(train_only + ("--gin.BATCH_SIZE",))]

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_tuning import checkpoints
+from prompt_tuning.training import checkpoints
 from prompt_tuning import eval as eval_main
-from prompt_tuning import gin_utils
+from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
-from prompt_tuning import pretrained
+from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
-from prompt_tuning import trainer
+from prompt_tuning.runs import trainer
 from tests.test_trainer import NO_EVAL, PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
@@ -129,7 +129,7 @@ def test_flags_and_own_gin_files_beat_model_dir_which_beats_the_project_files(
        f"--gin_file={own}", f"--gin.MODEL_DIR='{trained}'",
        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}"], "",
       remembered=lambda: trainer.remembered_settings(
-          gin_utils.bound_value("trainer.evaluate", "model_dir")))
+          gin_utils.bound_value("runs.evaluate", "model_dir")))
   assert _query("TASK_FEATURE_LENGTHS") == {"inputs": 16, "targets": 4}  # the flag
   assert _query("PROMPT_LENGTH") == 7  # the user's own gin file
   # MODEL_DIR's settings beat runs/prompt_eval.gin and models/from_checkpoint.gin.
@@ -143,7 +143,7 @@ def test_without_model_dir_the_run_file_defaults_stay():
       ["--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
        "--gin_file=prompts/from_file.gin", "--gin.PROMPT_FILE='p.npy'"], "",
       remembered=lambda: trainer.remembered_settings(
-          gin_utils.bound_value("trainer.evaluate", "model_dir")))
+          gin_utils.bound_value("runs.evaluate", "model_dir")))
   assert _query("MODEL_DIR") is None
   assert _query("TASK_FEATURE_LENGTHS") == {"inputs": 512, "targets": 8}
   assert _query("PROMPT_LENGTH") == 100 and _query("PROMPT_COMBINE") == "prefix"
@@ -203,7 +203,7 @@ sentiment/file_tasks.register_file_task:
     ("--gin.BATCH_SIZE=16", "BATCH_SIZE: 8 there, 16 here"),
     ("--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}",
      "TASK_FEATURE_LENGTHS.inputs: 32 there, 24 here"),
-    ("--gin.trainer.PromptInit.low=0.0", "PROMPT_INIT.low: -0.5 there, 0.0 here"),
+    ("--gin.runs.PromptInit.low=0.0", "PROMPT_INIT.low: -0.5 there, 0.0 here"),
     ("--gin.RANDOM_SEED=1", "RANDOM_SEED: 42 there, 1 here"),
     ("--gin.NUM_MICROBATCHES=2", "NUM_MICROBATCHES: 1 there, 2 here"),
 ])
@@ -214,7 +214,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, trained, f
     _train(model_dir, frozen_checkpoint, flag, steps=6)
   text = str(e.value).splitlines()[0]  # run_main prints this line (gin adds where it was called)
   assert f"holds checkpoint 3 of a run with other settings: {change}" in text
-  assert "new --gin.MODEL_DIR" in text and "--gin.trainer.train.allow_changed_settings=True" in text
+  assert "new --gin.MODEL_DIR" in text and "--gin.runs.train.allow_changed_settings=True" in text
   assert _committed(model_dir) == [3]
 
 
@@ -223,8 +223,8 @@ def test_a_rerun_may_change_steps_periods_logging_skipping_and_the_mesh(tmp_path
   model_dir = _copy(trained, tmp_path)
   result = _train(model_dir, frozen_checkpoint, "--gin.CHECKPOINT_PERIOD=2",
                   "--gin.KEEP_CHECKPOINTS=5", "--gin.EVAL_PERIOD=7", "--gin.EVAL_MAX_EXAMPLES=4",
-                  "--gin.trainer.train.log_period=2", "--gin.trainer.train.skip_nonfinite=True",
-                  "--gin.trainer.PartitionConfig.num_devices=1",
+                  "--gin.runs.train.log_period=2", "--gin.runs.train.skip_nonfinite=True",
+                  "--gin.runs.PartitionConfig.num_devices=1",
                   "--gin.MODEL_RUNTIME={'remat_policy': 'full', 'scan_layers': True}", steps=4)
   assert result["step"] == 4 and _committed(model_dir) == [3, 4]
 
@@ -233,7 +233,7 @@ def test_allow_changed_settings_continues_and_the_new_settings_become_the_runs(
     tmp_path, trained, frozen_checkpoint, capsys):
   model_dir = _copy(trained, tmp_path)
   _train(model_dir, frozen_checkpoint, "--gin.LEARNING_RATE=0.5",
-         "--gin.trainer.train.allow_changed_settings=True", steps=4)
+         "--gin.runs.train.allow_changed_settings=True", steps=4)
   assert ("with changed settings (allow_changed_settings=True): optimizer.learning_rate: 0.3 "
           "there, 0.5 here") in capsys.readouterr().out  # the entry points log to stdout
   meta = json.loads((model_dir / "checkpoints" / "4" / "metadata" / "metadata").read_text())
@@ -256,7 +256,7 @@ def test_exploding_parameters_stop_the_run_like_a_nan_loss(tmp_path, trained, fr
   with pytest.raises(trainer.NonFiniteLossError, match="too large at step 4 .*Nothing was saved "
                                                        "after step 3; the last good checkpoint"):
     _train(model_dir, frozen_checkpoint, "--gin.LEARNING_RATE=1e30",
-           "--gin.trainer.train.allow_changed_settings=True", steps=6)
+           "--gin.runs.train.allow_changed_settings=True", steps=6)
   assert _committed(model_dir) == [3]
 
 
@@ -326,7 +326,7 @@ def test_a_second_ctrl_c_aborts_the_save_and_leaves_no_half_checkpoint(tmp_path,
 # --- 5. Errors that name the real cause ---------------------------------------------------------
 
 def _build(checkpoint, **kwargs):
-  from prompt_tuning import optimizers
+  from prompt_tuning.training import optimizers
   return trainer.build(
       model_config=None, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
       initial_checkpoint_path=str(checkpoint), partition=trainer.PartitionConfig(num_devices=1),
@@ -377,4 +377,4 @@ def test_a_nan_in_a_frozen_weight_is_reported_at_load_as_a_damaged_checkpoint(
 
   with pytest.raises(trainer.NonFiniteLossError, match="at step 1 .*The frozen model has NaN or "
                                                        "Inf values .* encoder/layers_0/mlp/wo"):
-    _train(model_dir, damaged_checkpoint, "--gin.trainer.train.allow_nonfinite_frozen=True")
+    _train(model_dir, damaged_checkpoint, "--gin.runs.train.allow_nonfinite_frozen=True")

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from prompt_tuning import prompt_io
-from prompt_tuning import pretrained
-from prompt_tuning import safe_io
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats import pretrained
+from prompt_tuning.formats import safe_io
 from tests.conftest import tiny_config
 
 EVIL = ["../outside", "/etc/passwd", "a/../../outside", "gs://bucket/x", "~/x", "C:\\x",

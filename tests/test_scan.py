@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning import T5, PromptConfig, decoding, optimizers, scan_conversion
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.inference import decoding
+from prompt_tuning.training import optimizers
+from prompt_tuning.model import scan_conversion
+from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 
 ENC = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0], [11, 12, 13, 1, 0, 0]], np.int32)

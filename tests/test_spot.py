@@ -9,7 +9,8 @@ import gin
 import numpy as np
 import pytest
 
-from prompt_tuning import prompt_io, spot
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.prompts import spot
 from prompt_tuning.scripts import rank_source_prompts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def _shorter(argv, model_dir, steps):
                                                "--gin.EVAL_MAX_EXAMPLES", "--gin.SOURCE_PROMPT"))]
   return keep + [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
                  f"--gin.CHECKPOINT_PERIOD={steps}", f"--gin.EVAL_PERIOD={steps}",
-                 "--gin.EVAL_MAX_EXAMPLES=16", "--gin.trainer.train.log_period=1"]
+                 "--gin.EVAL_MAX_EXAMPLES=16", "--gin.runs.train.log_period=1"]
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_the_recipe_starts_the_target_prompt_from_the_source_prompt(tmp_path, _c
   monkeypatch.chdir(REPO)  # the header's checkpoint path is relative to the checkout
   source_cmd, target_cmd = _header_commands(REPO / "gin" / "runs" / "spot_finetune.gin")
   source_cmd = _shorter(source_cmd, tmp_path / "source", 3)
-  source_cmd.append("--gin.trainer.train.eval_dataset=None")
+  source_cmd.append("--gin.runs.train.eval_dataset=None")
   train_main.main(source_cmd)
   source_prompt = tmp_path / "source" / "numpy_checkpoints" / "checkpoint_3" / (
       "encoder.prompt.prompt.npy")

@@ -1,4 +1,4 @@
-"""The run-folder path layer (prompt_tuning/storage.py) on a local folder and on gs://.
+"""The run-folder path layer (prompt_tuning/formats/storage.py) on a local folder and on gs://.
 
 The gs:// cases run against a real GCS emulator on 127.0.0.1 (the `gcs_emulator` fixture):
 every call goes through the same TensorFlow GCS client a real bucket would get.
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from prompt_tuning import storage
+from prompt_tuning.formats import storage
 
 
 @pytest.fixture(params=["local", "gs"])

@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_tuning import T5, PromptConfig, optimizers, train_lib
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.training import optimizers
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 
 RNG = jax.random.PRNGKey(0)

@@ -19,7 +19,7 @@ import pytest
 from prompt_tuning import T5
 from prompt_tuning import eval as eval_main
 from prompt_tuning import infer as infer_main
-from prompt_tuning import pretrained
+from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
 from tests.conftest import tiny_config, tiny_hf_t5
 
@@ -63,12 +63,12 @@ def _flags(model_dir, checkpoint, *extra, steps=6):
       "--gin.EVAL_PERIOD=1000",
       "--gin.EVAL_MAX_EXAMPLES=8",
       "--gin.DROPOUT_RATE=0.0",
-      "--gin.trainer.train.log_period=1",
+      "--gin.runs.train.log_period=1",
       *extra,
   ]
 
 
-NO_EVAL = "--gin.trainer.train.eval_dataset=None"  # tests of training mechanics skip decoding
+NO_EVAL = "--gin.runs.train.eval_dataset=None"  # tests of training mechanics skip decoding
 
 
 def _eval_flags(model_dir, checkpoint):
@@ -139,12 +139,12 @@ def test_sharded_run_matches_single_device(tmp_path, frozen_checkpoint):
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices")
   train_main.main(_flags(tmp_path / "one", frozen_checkpoint, NO_EVAL,
-                         "--gin.trainer.PartitionConfig.mesh_shape=(1, 1)", steps=3)
-                  + ["--gin.trainer.PartitionConfig.num_devices=1"])
+                         "--gin.runs.PartitionConfig.mesh_shape=(1, 1)", steps=3)
+                  + ["--gin.runs.PartitionConfig.num_devices=1"])
   gin.clear_config()
   train_main.main(_flags(tmp_path / "eight", frozen_checkpoint, NO_EVAL,
-                         "--gin.trainer.PartitionConfig.mesh_shape=(4, 2)",
-                         "--gin.trainer.PartitionConfig.parameter_partitioning_dims=2", steps=3))
+                         "--gin.runs.PartitionConfig.mesh_shape=(4, 2)",
+                         "--gin.runs.PartitionConfig.parameter_partitioning_dims=2", steps=3))
   np.testing.assert_allclose(_final_prompt(tmp_path / "eight", 3),
                              _final_prompt(tmp_path / "one", 3), atol=1e-5)
   # Without an eval dataset there are train summaries and no (empty) eval summary folder.
@@ -240,7 +240,8 @@ def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
 
 def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
   """scan_layers=True loads the per-layer checkpoint, stacks it, and trains the same prompt."""
-  from prompt_tuning import dataset, trainer
+  from prompt_tuning.data import dataset
+  from prompt_tuning.runs import trainer
   data = dataset.DatasetConfig("demo_taskless_last", {"inputs": 32, "targets": 8}, batch_size=8,
                                module="tasks.demo")
   prompts = {}
@@ -256,7 +257,8 @@ def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
 # --- MODEL_RUNTIME: how a checkpoint that carries its own architecture runs ---------------------
 
 def _build(checkpoint, model_config=None, model_runtime=None):
-  from prompt_tuning import optimizers, trainer
+  from prompt_tuning.training import optimizers
+  from prompt_tuning.runs import trainer
   return trainer.build(
       model_config=model_config, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
       initial_checkpoint_path=str(checkpoint), partition=trainer.PartitionConfig(num_devices=1),
@@ -325,9 +327,9 @@ def test_unknown_task_suggests_close_names(tmp_path, frozen_checkpoint):
 
 
 def test_bad_gin_binding_is_named(tmp_path, frozen_checkpoint):
-  with pytest.raises(ValueError, match="NOT_A_MACRO|trainer.train.no_such_arg"):
+  with pytest.raises(ValueError, match="NOT_A_MACRO|runs.train.no_such_arg"):
     train_main.main(_flags(tmp_path / "x", frozen_checkpoint,
-                           "--gin.trainer.train.no_such_arg=3"))
+                           "--gin.runs.train.no_such_arg=3"))
 
 
 def test_missing_model_dir_is_a_clear_error(frozen_checkpoint):
@@ -354,8 +356,11 @@ def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
   """`score_metric_fns(targets, scores)` get each target's log-likelihood, and
   `predict_with_aux_metric_fns(targets, predictions, aux_values)` each prediction's score."""
   import seqio
-  from prompt_tuning import dataset, decoding, optimizers, trainer
-  from prompt_tuning import evaluation as evaluation_lib
+  from prompt_tuning.data import dataset
+  from prompt_tuning.inference import decoding
+  from prompt_tuning.training import optimizers
+  from prompt_tuning.runs import trainer
+  from prompt_tuning.inference import evaluation as evaluation_lib
   import tasks.demo  # noqa: F401  (registers demo_taskless_last)
   base = seqio.get_mixture_or_task("demo_taskless_last")
   seen = {}

@@ -13,8 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_tuning import T5, PromptConfig, optimizers, train_lib, wayward
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning import T5, PromptConfig
+from prompt_tuning.training import optimizers
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.training import wayward
+from prompt_tuning.training.objective import EncoderDecoderModel
 from prompt_tuning.scripts import nearest_tokens
 from tests.conftest import tiny_config
 from tests.test_train_lib import _batch
@@ -186,8 +189,8 @@ def test_the_gin_files_header_command_trains_the_demo_towards_its_text(tmp_path,
   argv = [a for a in argv if not a.startswith(("--gin.MODEL_DIR", "--gin.TRAIN_STEPS",
                                                "--gin.EVAL_PERIOD", "--gin.CHECKPOINT_PERIOD"))]
   argv += [f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=40",
-           "--gin.CHECKPOINT_PERIOD=40", "--gin.trainer.train.eval_dataset=None",
-           "--gin.trainer.train.log_period=40"]
+           "--gin.CHECKPOINT_PERIOD=40", "--gin.runs.train.eval_dataset=None",
+           "--gin.runs.train.log_period=40"]
   result = train_main.main(argv)
   assert result["trainable_params"] == len("the last word") * 128
   row = json.loads((tmp_path / "run" / "metrics_train.jsonl").read_text().splitlines()[-1])

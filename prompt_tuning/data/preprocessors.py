@@ -69,7 +69,7 @@ def append_eos_after_trim(dataset, output_features, sequence_length=None):
   Trimming to `sequence_length - 1` and then appending EOS keeps EOS on sequences that are too
   long (right for training), but hides the cut from any count taken later.
   `{feature}_untrimmed_length` (int32, the length the sequence would have with EOS) is what
-  `prompt_tuning.dataset` counts truncated examples from.
+  `prompt_tuning.data.dataset` counts truncated examples from.
   """
 
   @seqio.map_over_dataset

@@ -57,7 +57,7 @@ def _eval_metric(model_dir: pathlib.Path) -> tuple[float, float]:
 def _check_frozen_unchanged(model_dir: pathlib.Path, step: int) -> int:
   """The frozen weights saved with the final checkpoint equal the bundled ones, byte for byte."""
   import orbax.checkpoint as ocp
-  from prompt_tuning import pretrained
+  from prompt_tuning.formats import pretrained
   _, bundled = pretrained.load_pretrained(str(FROZEN_MODEL_DIR))
   manager = ocp.CheckpointManager((model_dir / "checkpoints").absolute(),
                                   item_names=("frozen",))
@@ -107,9 +107,9 @@ def main(argv=None) -> dict:
       "--gin.EVAL_MAX_EXAMPLES=256",
       "--gin.PROMPT_LENGTH=20",
       "--gin.DROPOUT_RATE=0.0",
-      "--gin.trainer.train.eval_at_start=True",
-      "--gin.trainer.train.save_frozen=True",
-      "--gin.trainer.train.log_period=25",
+      "--gin.runs.train.eval_at_start=True",
+      "--gin.runs.train.save_frozen=True",
+      "--gin.runs.train.log_period=25",
   ])
   result = json.loads(train_out.strip().splitlines()[-1])
   _run([py, "-m", "prompt_tuning.scripts.export_prompt", f"--model_dir={model_dir}",

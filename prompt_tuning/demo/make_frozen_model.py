@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from prompt_tuning import T5
-from prompt_tuning import pretrained
+from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
-from prompt_tuning.config import T5Config
+from prompt_tuning.model.config import T5Config
 from prompt_tuning.demo import FROZEN_MODEL_DIR
 
 

@@ -17,8 +17,8 @@ import sys
 
 from etils import epath
 
-from prompt_tuning import prompt_io
-from prompt_tuning import storage
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats import storage
 
 
 def find_prompt(model_dir: epath.Path, step: int | None) -> tuple[epath.Path, int]:

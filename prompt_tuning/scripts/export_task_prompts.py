@@ -19,9 +19,9 @@ import sys
 
 import numpy as np
 
-from prompt_tuning import prompt_io
-from prompt_tuning import prompts
-from prompt_tuning import storage
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.model import prompt as prompts
+from prompt_tuning.formats import storage
 
 TASK_PARAMS = {"concat": ("task_prompts",), "add": ("task_prompts",),
                "project": ("task_kernel", "task_bias")}

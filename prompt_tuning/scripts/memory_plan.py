@@ -148,10 +148,14 @@ def plan(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from prompt_tuning import gin_utils, optimizers, partitioning, pretrained, train_lib
-  from prompt_tuning.model import T5
-  from prompt_tuning.models import EncoderDecoderModel
-  from prompt_tuning.prompts import PromptConfig
+  from prompt_tuning.cli import gin_utils
+  from prompt_tuning.training import optimizers
+  from prompt_tuning.model import partitioning
+  from prompt_tuning.formats import pretrained
+  from prompt_tuning.training import step as train_lib
+  from prompt_tuning.model.t5 import T5
+  from prompt_tuning.training.objective import EncoderDecoderModel
+  from prompt_tuning.model.prompt import PromptConfig
 
   data, model_parallel = parse_mesh(args.mesh)
   gin_file = gin_utils.resolve_gin_file(args.gin_file, [str(gin_utils.project_gin_dir())])

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from prompt_tuning import prompt_io
+from prompt_tuning.formats import prompt_io
 
 
 def nearest_tokens(prompt_PxD, embedding_VxD, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +90,8 @@ def load_embedding(*, checkpoint: str | None = None, embedding_npy: str | None =
       raise ValueError(f"{embedding_npy}: expected a float [vocab, d_model] table, found "
                        f"{table.dtype} {table.shape}")
     return table.astype(np.float32)
-  from prompt_tuning import gin_utils
-  from prompt_tuning import pretrained
+  from prompt_tuning.cli import gin_utils
+  from prompt_tuning.formats import pretrained
   config = gin_utils.config_from_gin(model_gin) if model_gin else None
   _, params = pretrained.load_pretrained(checkpoint, config=config)
   return np.asarray(params["token_embedder"]["embedding"], np.float32)

@@ -10,7 +10,7 @@ prompts of the same frozen model. Prints, for each method, the sources from most
 similar; `--json` also writes `{"target": ..., "rankings": {method: [{"source", "path",
 "similarity", "rank"}, ...]}}`. The methods are SPoT's (Vu et al., 2022): `average_tokens`, the
 cosine of the prompts' mean tokens, and `per_token`, the mean cosine over all token pairs
-(`prompt_tuning/spot.py`).
+(`prompt_tuning/prompts/spot.py`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pathlib
 import sys
 from typing import Sequence
 
-from prompt_tuning import prompt_io
-from prompt_tuning import spot
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.prompts import spot
 
 
 def rankings(target: str, sources: Sequence[str], methods: Sequence[str]) -> dict:

@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Sequence
 
-from prompt_tuning import recycling
+from prompt_tuning.prompts import recycling
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
              if args.recycler == "v2v-nn" else {})
   try:
-    from prompt_tuning import gin_utils  # gin is parsed here, at the edge
+    from prompt_tuning.cli import gin_utils  # gin is parsed here, at the edge
     configs = [gin_utils.config_from_gin(g) if g else None
                for g in (args.source_gin, args.target_gin)]
     result = recycling.recycle_file(

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from prompt_tuning import pretrained
-from prompt_tuning import recycling
+from prompt_tuning.formats import pretrained
+from prompt_tuning.prompts import recycling
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -15,8 +15,8 @@ import tensorflow_datasets as tfds
 
 import tasks.all  # noqa: F401  (GLUE, SuperGLUE, QA)
 import tasks.demo  # noqa: F401
-from prompt_tuning import dataset
-from prompt_tuning import evaluation
+from prompt_tuning.data import dataset
+from prompt_tuning.inference import evaluation
 from prompt_tuning.data import file_tasks
 
 FEATURES = ("inputs", "targets")

@@ -11,7 +11,7 @@ Layout of MODEL_DIR:
       original implementation's name (it np.save-d to a file object, so no `.npy`)
   numpy_checkpoints/backup_checkpoint_<step>_<time>/   an export replaced by a re-export
 
-MODEL_DIR may be a local folder or gs://bucket/run (all I/O through `prompt_tuning.storage`).
+MODEL_DIR may be a local folder or gs://bucket/run (all I/O through `prompt_tuning.formats.storage`).
 Locally orbax writes each step into a temporary folder and renames it into place when complete;
 on object storage, which has no folder rename, it writes the step in place and marks it complete
 with `commit_success.txt` last. Either way a crash mid-save never leaves a checkpoint that looks
@@ -40,8 +40,8 @@ import orbax.checkpoint as ocp
 
 from etils import epath
 
-from prompt_tuning import prompt_io
-from prompt_tuning import storage
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats import storage
 
 FORMAT_VERSION = 1
 SLOW_SAVE_ENV = "PROMPT_TUNING_TEST_SLOW_SAVE"
@@ -151,7 +151,7 @@ class Checkpointer:
     Both files hold the same `np.save` bytes; the extension-less one is the name the original
     implementation's tools look for. Other weights are not exported.
     """
-    from prompt_tuning import partitioning  # gathering is collective: every process takes part
+    from prompt_tuning.model import partitioning  # gathering is collective: every process takes part
     arrays = {path: partitioning.to_host(leaf) for path, leaf in
               flax.traverse_util.flatten_dict(trainable, sep=".").items()
               if path.startswith("encoder.prompt.")}

@@ -27,21 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_tuning import checkpoints as checkpoints_lib
-from prompt_tuning import config as config_lib
-from prompt_tuning import dataset as dataset_lib
-from prompt_tuning import decoding as decoding_lib
-from prompt_tuning import evaluation as evaluation_lib
-from prompt_tuning import initializers
-from prompt_tuning import optimizers
-from prompt_tuning import partitioning
-from prompt_tuning import scan_conversion
-from prompt_tuning import storage
-from prompt_tuning import train_lib
-from prompt_tuning.config import T5Config
-from prompt_tuning.model import T5
-from prompt_tuning.models import EncoderDecoderModel
-from prompt_tuning.prompts import PromptConfig
+from prompt_tuning.training import checkpoints as checkpoints_lib
+from prompt_tuning.model import config as config_lib
+from prompt_tuning.data import dataset as dataset_lib
+from prompt_tuning.inference import decoding as decoding_lib
+from prompt_tuning.inference import evaluation as evaluation_lib
+from prompt_tuning.prompts import initializers
+from prompt_tuning.training import optimizers
+from prompt_tuning.model import partitioning
+from prompt_tuning.model import scan_conversion
+from prompt_tuning.formats import storage
+from prompt_tuning.training import step as train_lib
+from prompt_tuning.model.config import T5Config
+from prompt_tuning.model.t5 import T5
+from prompt_tuning.training.objective import EncoderDecoderModel
+from prompt_tuning.model.prompt import PromptConfig
 
 log = logging.getLogger("prompt_tuning")
 
@@ -56,7 +56,7 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass(frozen=True)
 class PromptInit:
-  """How a fresh prompt is initialised (see `prompt_tuning.initializers`)."""
+  """How a fresh prompt is initialised (see `prompt_tuning.prompts.initializers`)."""
 
   kind: str = "random_uniform"  # random_uniform | sampled_vocab | class_labels | from_string | from_file
   labels: Sequence[str] | None = None  # class_labels: CLASS_LABELS (default: the task's labels)
@@ -163,7 +163,7 @@ def _check_frozen_finite(frozen, *, source: str | None, dtype: str,
       f"{what} has NaN or Inf values in {listed}: the checkpoint is damaged{overflow} (a "
       "download or copy cut short, a disk error, or the run that wrote it diverged). Use a good "
       "copy of it. Only if you know these values are never used, pass "
-      "--gin.trainer.train.allow_nonfinite_frozen=True (or trainer.evaluate / trainer.infer).")
+      "--gin.runs.train.allow_nonfinite_frozen=True (or runs.evaluate / runs.infer).")
 
 
 def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
@@ -182,7 +182,7 @@ def build(*, model_config: T5Config | None, prompt_config: PromptConfig | None,
   `model_config`, else from the checkpoint. Frozen parameters with NaN or Inf are refused
   (a damaged checkpoint) unless `allow_nonfinite_frozen`.
   """
-  from prompt_tuning import pretrained
+  from prompt_tuning.formats import pretrained
   config_lib.check_runtime(model_runtime)  # before loading what may be a large checkpoint
   dataset_lib.prepare_vocabularies(task_name, task_module,
                                    initial_checkpoint_path=initial_checkpoint_path)
@@ -558,7 +558,7 @@ def _check_same_settings(meta: Mapping[str, Any], settings: Mapping[str, Any], *
       f"MODEL_DIR {model_dir} holds checkpoint {step} of a run with other settings: {listed}. "
       "Rerunning would silently continue that run under the new settings. To start a new run, "
       "pass a new --gin.MODEL_DIR; to continue this one with the new settings on purpose, add "
-      "--gin.trainer.train.allow_changed_settings=True (they become the run's settings).")
+      "--gin.runs.train.allow_changed_settings=True (they become the run's settings).")
 
 
 def read_run_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
@@ -748,7 +748,7 @@ def train(*, model_dir: str, train_dataset: dataset_lib.DatasetConfig, train_ste
   check_positive(("KEEP_CHECKPOINTS", "EVAL_MAX_EXAMPLES"), TRAIN_STEPS=train_steps,
                  EVAL_PERIOD=eval_period, CHECKPOINT_PERIOD=checkpoint_period,
                  KEEP_CHECKPOINTS=keep_checkpoints, EVAL_MAX_EXAMPLES=eval_max_examples,
-                 NUM_MICROBATCHES=num_microbatches, **{"trainer.train.log_period": log_period})
+                 NUM_MICROBATCHES=num_microbatches, **{"runs.train.log_period": log_period})
   checkpoints_lib.check_writable(model_dir)
   # An unknown task fails here, with close names, before a large checkpoint is loaded.
   task = dataset_lib.get_mixture_or_task(train_dataset.mixture_or_task_name, train_dataset.module)
@@ -1021,7 +1021,7 @@ def _nonfinite_message(metrics, step: int, last_saved: int | None, setup: Setup)
   kept = (f"Nothing was saved after step {last_saved}; the last good checkpoint is kept."
           if last_saved is not None else "No checkpoint was saved.")
   return (f"{what} {kept} Lower the learning rate, check the data, or set skip_nonfinite=True "
-          "(--gin.trainer.train.skip_nonfinite=True) to skip such steps.")
+          "(--gin.runs.train.skip_nonfinite=True) to skip such steps.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from prompt_tuning import losses
-from prompt_tuning.model import T5
+from prompt_tuning.training import losses
+from prompt_tuning.model.t5 import T5
 
 Batch = Mapping[str, jnp.ndarray]
 
@@ -90,7 +90,7 @@ class EncoderDecoderModel:
 
   def predict_batch(self, params, batch: Batch, decoding_config=None, rng=None) -> jnp.ndarray:
     """Decoded target tokens `[B, T]` using the model's key/value cache."""
-    from prompt_tuning import decoding  # decoding imports this module's users, not vice versa
+    from prompt_tuning.inference import decoding  # decoding imports this module's users, not vice versa
     if decoding_config is None:
       decoding_config = decoding.DecodingConfig(
           max_decode_length=batch["decoder_target_tokens"].shape[1])

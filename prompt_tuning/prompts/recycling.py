@@ -190,7 +190,7 @@ def load_embedding(checkpoint: str, config=None) -> np.ndarray:
   """A frozen checkpoint's token embedding table `[V, D]` (float32). `config`: anything
   `pretrained.load_pretrained` takes (None for checkpoints that carry theirs; T5X ones need a
   `T5Config`, e.g. `gin_utils.config_from_gin(model_gin_file)`)."""
-  from prompt_tuning import pretrained
+  from prompt_tuning.formats import pretrained
   if hasattr(config, "scan_layers"):  # a T5Config: checkpoints hold per-layer weights
     config = config.replace(scan_layers=False)
   _, params = pretrained.load_pretrained(checkpoint, config=config)
@@ -206,8 +206,8 @@ def recycle_file(*, source_checkpoint: str, target_checkpoint: str, prompt: str,
 
   Only the checkpoints' embedding tables are kept (`load_embedding`).
   """
-  from prompt_tuning import prompt_io
-  from prompt_tuning import storage
+  from prompt_tuning.formats import prompt_io
+  from prompt_tuning.formats import storage
   storage.path(output, "the recycled prompt's path")  # a URL scheme we cannot write: now
   source_prompt = prompt_io.load_prompt(prompt)
   source = load_embedding(source_checkpoint, source_config)

@@ -3,7 +3,7 @@
 Every reader returns a float32 `prompt_PxD` and validates at the boundary: files come from
 strangers, so nothing here unpickles (`np.load(allow_pickle=False)`; safetensors, torch `.bin`
 and T5X tensorstore specs through `safe_io`, the one copy of those readers and of the rule that
-array paths stay inside their checkpoint folder). Writers go through `prompt_tuning.storage`
+array paths stay inside their checkpoint folder). Writers go through `prompt_tuning.formats.storage`
 (local paths or gs://): a temporary name and a rename locally, a single upload or a folder with a
 completion marker on object storage, so a crash never leaves a half-written file that looks
 complete. Readers take gs:// paths too.
@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
-from prompt_tuning import safe_io
-from prompt_tuning import storage
+from prompt_tuning.formats import safe_io
+from prompt_tuning.formats import storage
 
 NPY_MAGIC = b"\x93NUMPY"
 PEFT_CONFIG = "adapter_config.json"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_tuning.config import T5Config
+from prompt_tuning.model.config import T5Config
 
 STACKS = ("encoder", "decoder")
 

@@ -48,7 +48,7 @@ class T5Config:
   matmul_dtype: str | None = None
   # Stack each stack's layers under one `layers` parameter with a leading "layers" axis and run
   # them with `nn.scan`: one layer's program, compiled once (T5X's scanned layout; convert
-  # per-layer checkpoints with `prompt_tuning.scan_conversion`).
+  # per-layer checkpoints with `prompt_tuning.model.scan_conversion`).
   scan_layers: bool = False
 
   def __post_init__(self):

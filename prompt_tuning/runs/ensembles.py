@@ -31,18 +31,18 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import jax
 import numpy as np
 
-from prompt_tuning import dataset as dataset_lib
-from prompt_tuning import decoding
-from prompt_tuning import evaluation as evaluation_lib
-from prompt_tuning import initializers
-from prompt_tuning import optimizers
-from prompt_tuning import partitioning
-from prompt_tuning import prompt_io
-from prompt_tuning import storage
-from prompt_tuning import trainer
-from prompt_tuning.config import T5Config
-from prompt_tuning.model import T5
-from prompt_tuning.prompts import PromptConfig
+from prompt_tuning.data import dataset as dataset_lib
+from prompt_tuning.inference import decoding
+from prompt_tuning.inference import evaluation as evaluation_lib
+from prompt_tuning.prompts import initializers
+from prompt_tuning.training import optimizers
+from prompt_tuning.model import partitioning
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.formats import storage
+from prompt_tuning.runs import trainer
+from prompt_tuning.model.config import T5Config
+from prompt_tuning.model.t5 import T5
+from prompt_tuning.model.prompt import PromptConfig
 
 log = logging.getLogger("prompt_tuning")
 Params = Any

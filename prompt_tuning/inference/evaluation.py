@@ -25,11 +25,11 @@ import jax
 import numpy as np
 import seqio
 
-from prompt_tuning import dataset as dataset_lib
-from prompt_tuning import decoding as decoding_lib
-from prompt_tuning import optimizers
-from prompt_tuning import partitioning
-from prompt_tuning import train_lib
+from prompt_tuning.data import dataset as dataset_lib
+from prompt_tuning.inference import decoding as decoding_lib
+from prompt_tuning.training import optimizers
+from prompt_tuning.model import partitioning
+from prompt_tuning.training import step as train_lib
 
 log = logging.getLogger("prompt_tuning")
 

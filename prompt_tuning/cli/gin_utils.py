@@ -52,7 +52,7 @@ _tolerate_namespace_packages()
 
 def project_gin_dir() -> pathlib.Path:
   """The project's gin/ folder: the checkout's, or the copy installed as `prompt_tuning.gin`."""
-  repo = pathlib.Path(__file__).resolve().parents[1] / "gin"
+  repo = pathlib.Path(__file__).resolve().parents[2] / "gin"
   if (repo / "runs").is_dir():  # a checkout (not site-packages/gin, which is gin-config itself)
     return repo
   spec = importlib.util.find_spec("prompt_tuning.gin")
@@ -88,7 +88,7 @@ def config_from_gin(path, macro: str = "MODEL_CONFIG") -> T5Config | None:
   (models/from_checkpoint.gin) gives None: the checkpoint's own config is used.
   """
   from gin import config as gin_config
-  from prompt_tuning.config import T5Config
+  from prompt_tuning.model.config import T5Config
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"gin model file {path} not found")
@@ -108,7 +108,7 @@ def config_from_gin(path, macro: str = "MODEL_CONFIG") -> T5Config | None:
     if isinstance(value, gin_config.ConfigurableReference):
       value = value.scoped_configurable_fn()
     if value is not None and not isinstance(value, T5Config):
-      raise ValueError(f"{path}: {macro} must evaluate to a prompt_tuning.config.T5Config, got "
+      raise ValueError(f"{path}: {macro} must evaluate to a prompt_tuning.model.config.T5Config, got "
                        f"{value!r}")
     return value
   finally:
@@ -455,8 +455,8 @@ def _file_tasks() -> dict[str, dict[str, Any]]:
   return found
 
 
-def run_config(parsed: Parsed, entry: str = "prompt_tuning.trainer.train") -> dict[str, Any]:
-  """How gin configured a training run, for its record (`trainer.train(run_config=...)`): the gin
+def run_config(parsed: Parsed, entry: str = "prompt_tuning.runs.train") -> dict[str, Any]:
+  """How gin configured a training run, for its record (`runs.train(run_config=...)`): the gin
   files, the config text, the optimizer as gin builds it (compared on resume: its bound
   parameters, macros resolved, whatever macros or files set them) and the file tasks."""
   try:
@@ -514,9 +514,9 @@ INTERRUPTED_STATUS = 130  # the shell's status for a command stopped by Ctrl-C (
 
 def run_main(main) -> None:
   """Runs an entry point; user errors print one clear line instead of a traceback, and so does
-  Ctrl-C (exit status 130; training saves its step first, see `trainer.train`)."""
+  Ctrl-C (exit status 130; training saves its step first, see `runs.train`)."""
   import sys
-  from prompt_tuning.trainer import NonFiniteLossError  # the entry points import it anyway
+  from prompt_tuning.runs.trainer import NonFiniteLossError  # the entry points import it anyway
   try:
     result = main()
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:

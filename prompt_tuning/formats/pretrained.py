@@ -2,7 +2,7 @@
 
 Usage:
 
-  from prompt_tuning import pretrained
+  from prompt_tuning.formats import pretrained
   # An HF folder (config.json + model.safetensors / sharded / pytorch_model.bin):
   model, params = pretrained.load_pretrained("/ckpt/t5-v1_1-base")
   # A public T5X checkpoint. T5X records no architecture: name it (T5Config or HF dict; a model
@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_tuning import safe_io
-from prompt_tuning.config import T5Config
-from prompt_tuning.model import T5
+from prompt_tuning.formats import safe_io
+from prompt_tuning.model.config import T5Config
+from prompt_tuning.model.t5 import T5
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -160,7 +160,7 @@ def resolve_config(config) -> T5Config | None:
     if text.endswith(".gin"):
       # Gin is parsed at the edges (entry points, scripts), never inside the loader.
       raise ValueError(f"config={text!r} is a gin file: parse it first with "
-                       "prompt_tuning.gin_utils.config_from_gin(path) and pass the T5Config")
+                       "prompt_tuning.cli.gin_utils.config_from_gin(path) and pass the T5Config")
     if text.endswith(".json"):
       with open(text, encoding="utf-8") as f:
         d = json.load(f)
@@ -234,7 +234,7 @@ def detect_format(path: str) -> tuple[str, str]:
 
 def _gcs_names(url: str) -> set[str]:
   """The names in a gs:// folder (TensorFlow's GCS client, as for run folders); none if unlisted."""
-  from prompt_tuning import storage
+  from prompt_tuning.formats import storage
   try:
     return {p.name for p in storage.path(url).iterdir()}
   except Exception:  # pylint: disable=broad-except  (no listing: orbax reports what is wrong)
@@ -248,7 +248,7 @@ def _local_hf_folder(folder: str):
   if not folder.startswith("gs://"):
     yield folder
     return
-  from prompt_tuning import storage
+  from prompt_tuning.formats import storage
   with tempfile.TemporaryDirectory(prefix="hf_checkpoint_") as local:
     for p in storage.path(folder).iterdir():
       if p.suffix in (".json", ".safetensors", ".bin") and not p.is_dir():

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from prompt_tuning import prompt_io
-from prompt_tuning import prompts as prompts_lib
+from prompt_tuning.formats import prompt_io
+from prompt_tuning.model import prompt as prompts_lib
 
 KINDS = ("random_uniform", "sampled_vocab", "class_labels", "from_string", "from_file")
 DEFAULT_POPULATION = 5000

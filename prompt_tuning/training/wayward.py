@@ -19,7 +19,7 @@ The paper's finding: a prompt can solve a task while its nearest vocabulary toke
 (`scripts/nearest_tokens.py`) spell an arbitrary text.
 
 Gin: `prompts/wayward.gin` (WAYWARD_TEXT, WAYWARD_WEIGHT) sets PROMPT_LENGTH from the text and
-passes a `WaywardRegularizer` to the model through `trainer.train.model_kwargs`.
+passes a `WaywardRegularizer` to the model through `runs.train.model_kwargs`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from prompt_tuning import initializers
-from prompt_tuning import losses
+from prompt_tuning.prompts import initializers
+from prompt_tuning.training import losses
 
 # The original implementation's default weight (its `gamma`).
 DEFAULT_WEIGHT = 0.01
@@ -51,7 +51,7 @@ def tokenize(text: str, *, task: str | None = None, module=None,
     if not task:
       raise ValueError("The wayward text needs a vocabulary: pass one, or the task "
                        "(MIXTURE_OR_TASK_NAME) whose inputs vocabulary to use")
-    from prompt_tuning import dataset
+    from prompt_tuning.data import dataset
     dataset.prepare_vocabularies(task, module, initial_checkpoint_path=initial_checkpoint_path)
     found = dataset.get_mixture_or_task(task, module)
     vocabulary = getattr(found, "tasks", [found])[0].output_features["inputs"].vocabulary

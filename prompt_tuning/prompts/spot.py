@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from prompt_tuning import prompt_io
+from prompt_tuning.formats import prompt_io
 
 METHODS = ("average_tokens", "per_token")
 # A zero vector has no direction: the epsilon makes its cosine 0 instead of NaN.

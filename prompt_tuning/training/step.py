@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prompt_tuning import models
-from prompt_tuning import optimizers
-from prompt_tuning.models import EncoderDecoderModel
+from prompt_tuning.training import objective as models
+from prompt_tuning.training import optimizers
+from prompt_tuning.training.objective import EncoderDecoderModel
 
 Metrics = dict[str, jax.Array]
 

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_tuning import masks
-from prompt_tuning import prompts as prompts_lib
-from prompt_tuning.config import T5Config
+from prompt_tuning.model import masks
+from prompt_tuning.model import prompt as prompts_lib
+from prompt_tuning.model.config import T5Config
 
 Array = jax.Array
 constrain = nn.with_logical_constraint

@@ -1,0 +1,1 @@
+"""The command-line edge: T5X-style gin flags, gin parsing and checks, and how errors print."""
