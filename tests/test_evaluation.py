@@ -217,7 +217,7 @@ def trained_run(tmp_path_factory, byte_model):
       "--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_finetune.gin",
       f"--gin.INITIAL_CHECKPOINT_PATH='{byte_model}'", f"--gin.MODEL_DIR='{model_dir}'", *DEMO,
       "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=2",
-      "--gin.EVAL_PERIOD=1000", "--gin.DROPOUT_RATE=0.0", "--gin.runs.train.eval_dataset=None"])
+      "--gin.EVAL_PERIOD=1000", "--gin.DROPOUT_RATE=0.0", "--gin.runs.train.evaluation=None"])
   gin.clear_config()
   return str(model_dir)
 
@@ -250,7 +250,9 @@ def test_infer_modes_score_aux_and_n_best(tmp_path, trained_run, byte_model):
   teacher-forced scoring), `predict_with_aux` the decodes' scores, and beam search's n-best
   hypotheses come best first."""
   from prompt_tuning.training import checkpoints
-  from prompt_tuning.runs import trainer
+  from prompt_tuning.model.prompt import PromptConfig
+  from prompt_tuning.runs import eval_infer
+  from prompt_tuning.runs import setup as run_setup
   base = _demo_flags("prompt_infer.gin", byte_model, trained_run, "--gin.BATCH_SIZE=8",
                      "--gin.INFER_MAX_EXAMPLES=6", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'")
   read = lambda p: [json.loads(l) for l in pathlib.Path(p).read_text().splitlines()]
@@ -271,13 +273,13 @@ def test_infer_modes_score_aux_and_n_best(tmp_path, trained_run, byte_model):
   assert len(scored) == len(aux) == len(predicted) == len(beams) == 6
 
   # Independent scoring of the same examples with the restored prompt.
-  setup = trainer.build(
-      model_config=None, prompt_config=trainer.PromptConfig(length=4),
-      initial_checkpoint_path=byte_model, partition=trainer.PartitionConfig(num_devices=1),
+  setup = run_setup.build(
+      model_config=None, prompt_config=PromptConfig(length=4),
+      initial_checkpoint_path=byte_model, partition=run_setup.PartitionConfig(num_devices=1),
       trainable_patterns=optimizers.PROMPT_PATTERNS,
-      task_feature_lengths={"inputs": 32, "targets": 8}, prompt_init=trainer.PromptInit(),
+      task_feature_lengths={"inputs": 32, "targets": 8}, prompt_init=run_setup.PromptInit(),
       random_seed=0)
-  trainable, _ = trainer._restore_trainable(setup, trained_run, 4)  # pylint: disable=protected-access
+  trainable, _ = eval_infer._restore_trainable(setup, trained_run, 4)  # pylint: disable=protected-access
   params = optimizers.merge_params(trainable, setup.frozen)
   task = seqio.get_mixture_or_task("demo_taskless_last")
   examples = list(task.get_dataset({"inputs": 32, "targets": 8}, split="validation",

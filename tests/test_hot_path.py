@@ -6,7 +6,9 @@ import pytest
 
 from prompt_tuning.model import partitioning
 from prompt_tuning import train as train_main
-from prompt_tuning.runs import trainer
+from prompt_tuning.model.prompt import PromptConfig
+from prompt_tuning.model import partitioning
+from prompt_tuning.runs import setup as run_setup
 from tests.test_trainer import _flags, frozen_checkpoint  # noqa: F401  (module fixture)
 
 
@@ -25,9 +27,9 @@ def _host_fetches(monkeypatch, tmp_path, checkpoint, steps):
     calls.append(1)
     return real(x)
 
-  monkeypatch.setattr(trainer.partitioning, "to_host", counting)
+  monkeypatch.setattr(partitioning, "to_host", counting)
   gin.clear_config()
-  flags = _flags(tmp_path / f"run{steps}", checkpoint, "--gin.runs.train.eval_dataset=None",
+  flags = _flags(tmp_path / f"run{steps}", checkpoint, "--gin.runs.train.evaluation=None",
                  steps=steps)
   # One log and one checkpoint, at the last step, whatever the number of steps.
   flags = [f for f in flags if "log_period" not in f and "CHECKPOINT_PERIOD" not in f]
@@ -53,11 +55,11 @@ def test_evaluation_compiles_once_per_run(frozen_checkpoint):
   from prompt_tuning.training import optimizers
   import tasks.demo  # noqa: F401
   lengths = {"inputs": 32, "targets": 8}
-  setup = trainer.build(
-      model_config=None, prompt_config=trainer.PromptConfig(length=4),
-      initial_checkpoint_path=frozen_checkpoint, partition=trainer.PartitionConfig(num_devices=1),
+  setup = run_setup.build(
+      model_config=None, prompt_config=PromptConfig(length=4),
+      initial_checkpoint_path=frozen_checkpoint, partition=run_setup.PartitionConfig(num_devices=1),
       trainable_patterns=optimizers.PROMPT_PATTERNS, task_feature_lengths=lengths,
-      prompt_init=trainer.PromptInit(), random_seed=0)
+      prompt_init=run_setup.PromptInit(), random_seed=0)
   ev = evaluation.Evaluation(setup, dataset.DatasetConfig("demo_taskless_last", lengths,
                                                           split="validation", batch_size=4),
                              max_examples=8)

@@ -33,13 +33,13 @@ from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
 from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
-from prompt_tuning.runs import trainer
+from prompt_tuning.runs import run_log
 from tests.conftest import fixture_path, hf_folder, tiny_config
 from tests.test_trainer import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
 STEPS = 6  # checkpoints at 3 and 6 (CHECKPOINT_PERIOD=3 in _flags)
-NO_EVAL = "--gin.runs.train.eval_dataset=None"  # eval is not what these tests exercise
+NO_EVAL = "--gin.runs.train.evaluation=None"  # eval is not what these tests exercise
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ def test_truncate_metrics(tmp_path, last_step, text, want):
   whole rows; kept rows stay byte for byte, in order."""
   path = tmp_path / "metrics_train.jsonl"
   path.write_text(text)
-  dropped = trainer.truncate_metrics(path, last_step)
+  dropped = run_log.truncate_metrics(path, last_step)
   assert path.read_text() == want
   assert dropped == len(text.splitlines()) - len(want.splitlines())
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
@@ -186,10 +186,10 @@ def test_truncate_metrics(tmp_path, last_step, text, want):
 
 def test_truncate_metrics_leaves_a_clean_file_untouched(tmp_path):
   path = tmp_path / "metrics_train.jsonl"
-  assert trainer.truncate_metrics(path, 3) == 0 and not path.exists()
+  assert run_log.truncate_metrics(path, 3) == 0 and not path.exists()
   path.write_text('{"step": 1}\n{"step": 2}\n')
   before = path.stat().st_mtime_ns, path.stat().st_ino
-  assert trainer.truncate_metrics(path, 2) == 0
+  assert run_log.truncate_metrics(path, 2) == 0
   assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
 
 

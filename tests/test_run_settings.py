@@ -25,7 +25,10 @@ from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
 from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
-from prompt_tuning.runs import trainer
+from prompt_tuning.model.prompt import PromptConfig
+from prompt_tuning.runs import guards
+from prompt_tuning.runs import settings as settings_lib
+from prompt_tuning.runs import setup as run_setup
 from tests.test_trainer import NO_EVAL, PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
 from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
@@ -66,7 +69,7 @@ def _copy(trained, tmp_path):
 # --- 1. Settings are remembered -----------------------------------------------------------------
 
 def test_the_run_records_its_settings(trained, frozen_checkpoint):
-  settings = json.loads((trained / trainer.RUN_SETTINGS_FILE).read_text())
+  settings = json.loads((trained / settings_lib.RUN_SETTINGS_FILE).read_text())
   assert settings["remembered"] == {
       "MIXTURE_OR_TASK_NAME": "demo_taskless_last", "MIXTURE_OR_TASK_MODULE": "tasks.demo",
       "TASK_FEATURE_LENGTHS": {"inputs": 32, "targets": 8}, "PROMPT_LENGTH": PROMPT_LENGTH,
@@ -128,7 +131,7 @@ def test_flags_and_own_gin_files_beat_model_dir_which_beats_the_project_files(
       ["--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
        f"--gin_file={own}", f"--gin.MODEL_DIR='{trained}'",
        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}"], "",
-      remembered=lambda: trainer.remembered_settings(
+      remembered=lambda: settings_lib.remembered_settings(
           gin_utils.bound_value("runs.evaluate", "model_dir")))
   assert _query("TASK_FEATURE_LENGTHS") == {"inputs": 16, "targets": 4}  # the flag
   assert _query("PROMPT_LENGTH") == 7  # the user's own gin file
@@ -142,7 +145,7 @@ def test_without_model_dir_the_run_file_defaults_stay():
   gin_utils.parse_args(
       ["--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
        "--gin_file=prompts/from_file.gin", "--gin.PROMPT_FILE='p.npy'"], "",
-      remembered=lambda: trainer.remembered_settings(
+      remembered=lambda: settings_lib.remembered_settings(
           gin_utils.bound_value("runs.evaluate", "model_dir")))
   assert _query("MODEL_DIR") is None
   assert _query("TASK_FEATURE_LENGTHS") == {"inputs": 512, "targets": 8}
@@ -152,12 +155,12 @@ def test_without_model_dir_the_run_file_defaults_stay():
 def test_a_run_of_an_older_version_is_remembered_from_its_checkpoint_metadata(
     tmp_path, trained, frozen_checkpoint):
   model_dir = _copy(trained, tmp_path)
-  (model_dir / trainer.RUN_SETTINGS_FILE).unlink()
+  (model_dir / settings_lib.RUN_SETTINGS_FILE).unlink()
   path = model_dir / "checkpoints" / "3" / "metadata" / "metadata"
   meta = json.loads(path.read_text())
   del meta["run_settings"]
   path.write_text(json.dumps(meta))
-  source, values = trainer.remembered_settings(str(model_dir))
+  source, values = settings_lib.remembered_settings(str(model_dir))
   assert source.endswith("checkpoints/3/metadata")
   assert values == {"MIXTURE_OR_TASK_NAME": "demo_taskless_last", "PROMPT_LENGTH": PROMPT_LENGTH,
                     "PROMPT_COMBINE": "prefix_after_bos",
@@ -246,14 +249,14 @@ def test_allow_changed_settings_continues_and_the_new_settings_become_the_runs(
 def test_exploding_parameters_stop_the_run_like_a_nan_loss(tmp_path, trained, frozen_checkpoint):
   """LR 1e30: each prompt value stays finite (about 1e30) but the norm overflows, and the run
   would go on forever with zero updates (the old code saved such checkpoints)."""
-  with pytest.raises(trainer.NonFiniteLossError) as e:
+  with pytest.raises(guards.NonFiniteLossError) as e:
     _train(tmp_path / "fresh", frozen_checkpoint, "--gin.LEARNING_RATE=1e30")
   assert "became non-finite or too large at step 1" in str(e.value)
   assert "param_norm=inf" in str(e.value) and "No checkpoint was saved" in str(e.value)
   assert _committed(tmp_path / "fresh") == []
 
   model_dir = _copy(trained, tmp_path)
-  with pytest.raises(trainer.NonFiniteLossError, match="too large at step 4 .*Nothing was saved "
+  with pytest.raises(guards.NonFiniteLossError, match="too large at step 4 .*Nothing was saved "
                                                        "after step 3; the last good checkpoint"):
     _train(model_dir, frozen_checkpoint, "--gin.LEARNING_RATE=1e30",
            "--gin.runs.train.allow_changed_settings=True", steps=6)
@@ -327,9 +330,9 @@ def test_a_second_ctrl_c_aborts_the_save_and_leaves_no_half_checkpoint(tmp_path,
 
 def _build(checkpoint, **kwargs):
   from prompt_tuning.training import optimizers
-  return trainer.build(
-      model_config=None, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
-      initial_checkpoint_path=str(checkpoint), partition=trainer.PartitionConfig(num_devices=1),
+  return run_setup.build(
+      model_config=None, prompt_config=PromptConfig(length=PROMPT_LENGTH),
+      initial_checkpoint_path=str(checkpoint), partition=run_setup.PartitionConfig(num_devices=1),
       trainable_patterns=optimizers.PROMPT_PATTERNS,
       task_feature_lengths={"inputs": 8, "targets": 4}, random_seed=0, **kwargs)
 
@@ -337,7 +340,7 @@ def _build(checkpoint, **kwargs):
 def test_class_label_init_of_an_unknown_task_names_the_close_tasks(tmp_path, frozen_checkpoint):
   """Not "set CLASS_LABELS": the task name is wrong (eval and infer build this way too)."""
   with pytest.raises(ValueError) as e:
-    _build(frozen_checkpoint, prompt_init=trainer.PromptInit(kind="class_labels"),
+    _build(frozen_checkpoint, prompt_init=run_setup.PromptInit(kind="class_labels"),
            task_name="demo_taskless_lst", task_module="tasks.demo")
   assert "Unknown task or mixture 'demo_taskless_lst'" in str(e.value)
   assert "demo_taskless_last" in str(e.value) and "CLASS_LABELS" not in str(e.value)
@@ -375,6 +378,6 @@ def test_a_nan_in_a_frozen_weight_is_reported_at_load_as_a_damaged_checkpoint(
   with pytest.raises(ValueError, match=r"wo/kernel \(3 of 512 values\): the checkpoint is damaged"):
     eval_main.main([f for f in _eval_flags("unused", damaged_checkpoint) if "MODEL_DIR" not in f])
 
-  with pytest.raises(trainer.NonFiniteLossError, match="at step 1 .*The frozen model has NaN or "
+  with pytest.raises(guards.NonFiniteLossError, match="at step 1 .*The frozen model has NaN or "
                                                        "Inf values .* encoder/layers_0/mlp/wo"):
     _train(model_dir, damaged_checkpoint, "--gin.runs.train.allow_nonfinite_frozen=True")

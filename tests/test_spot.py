@@ -125,7 +125,7 @@ def test_the_recipe_starts_the_target_prompt_from_the_source_prompt(tmp_path, _c
   monkeypatch.chdir(REPO)  # the header's checkpoint path is relative to the checkout
   source_cmd, target_cmd = _header_commands(REPO / "gin" / "runs" / "spot_finetune.gin")
   source_cmd = _shorter(source_cmd, tmp_path / "source", 3)
-  source_cmd.append("--gin.runs.train.eval_dataset=None")
+  source_cmd.append("--gin.runs.train.evaluation=None")
   train_main.main(source_cmd)
   source_prompt = tmp_path / "source" / "numpy_checkpoints" / "checkpoint_3" / (
       "encoder.prompt.prompt.npy")

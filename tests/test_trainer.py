@@ -68,7 +68,7 @@ def _flags(model_dir, checkpoint, *extra, steps=6):
   ]
 
 
-NO_EVAL = "--gin.runs.train.eval_dataset=None"  # tests of training mechanics skip decoding
+NO_EVAL = "--gin.runs.train.evaluation=None"  # tests of training mechanics skip decoding
 
 
 def _eval_flags(model_dir, checkpoint):
@@ -241,15 +241,17 @@ def test_two_processes_train_save_and_one_restores(tmp_path, frozen_checkpoint):
 def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
   """scan_layers=True loads the per-layer checkpoint, stacks it, and trains the same prompt."""
   from prompt_tuning.data import dataset
-  from prompt_tuning.runs import trainer
+  from prompt_tuning.model.prompt import PromptConfig
+  from prompt_tuning.runs import loop
   data = dataset.DatasetConfig("demo_taskless_last", {"inputs": 32, "targets": 8}, batch_size=8,
                                module="tasks.demo")
   prompts = {}
   for scan in (False, True):
-    trainer.train(model_dir=str(tmp_path / f"scan_{scan}"), train_dataset=data, train_steps=2,
-                  model_config=tiny_config(vocab_size=384, scan_layers=scan),
-                  prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
-                  initial_checkpoint_path=frozen_checkpoint, checkpoint_period=2)
+    loop.train(model_dir=str(tmp_path / f"scan_{scan}"), train_dataset=data, train_steps=2,
+               model_config=tiny_config(vocab_size=384, scan_layers=scan),
+               prompt_config=PromptConfig(length=PROMPT_LENGTH),
+               initial_checkpoint_path=frozen_checkpoint,
+               checkpoints=loop.CheckpointConfig(period=2))
     prompts[scan] = _final_prompt(tmp_path / f"scan_{scan}", 2)
   np.testing.assert_allclose(prompts[True], prompts[False], atol=1e-5)
 
@@ -258,12 +260,14 @@ def test_scanned_layers_train_the_same_prompt(tmp_path, frozen_checkpoint):
 
 def _build(checkpoint, model_config=None, model_runtime=None):
   from prompt_tuning.training import optimizers
-  from prompt_tuning.runs import trainer
-  return trainer.build(
-      model_config=model_config, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
-      initial_checkpoint_path=str(checkpoint), partition=trainer.PartitionConfig(num_devices=1),
+  from prompt_tuning.model.prompt import PromptConfig
+  from prompt_tuning.runs import loop
+  from prompt_tuning.runs import setup as run_setup
+  return run_setup.build(
+      model_config=model_config, prompt_config=PromptConfig(length=PROMPT_LENGTH),
+      initial_checkpoint_path=str(checkpoint), partition=run_setup.PartitionConfig(num_devices=1),
       trainable_patterns=optimizers.PROMPT_PATTERNS,
-      task_feature_lengths={"inputs": 8, "targets": 4}, prompt_init=trainer.PromptInit(),
+      task_feature_lengths={"inputs": 8, "targets": 4}, prompt_init=run_setup.PromptInit(),
       random_seed=0, model_runtime=model_runtime)
 
 
@@ -359,7 +363,9 @@ def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
   from prompt_tuning.data import dataset
   from prompt_tuning.inference import decoding
   from prompt_tuning.training import optimizers
-  from prompt_tuning.runs import trainer
+  from prompt_tuning.model.prompt import PromptConfig
+  from prompt_tuning.runs import loop
+  from prompt_tuning.runs import setup as run_setup
   from prompt_tuning.inference import evaluation as evaluation_lib
   import tasks.demo  # noqa: F401  (registers demo_taskless_last)
   base = seqio.get_mixture_or_task("demo_taskless_last")
@@ -380,11 +386,11 @@ def test_eval_calls_score_and_aux_metric_fns_as_seqio_does(frozen_checkpoint):
                          output_features=base.output_features,
                          metric_fns=list(base.predict_metric_fns) + [target_ll, prediction_ll])
   lengths = {"inputs": 32, "targets": 8}
-  setup = trainer.build(
-      model_config=None, prompt_config=trainer.PromptConfig(length=PROMPT_LENGTH),
-      initial_checkpoint_path=frozen_checkpoint, partition=trainer.PartitionConfig(num_devices=1),
+  setup = run_setup.build(
+      model_config=None, prompt_config=PromptConfig(length=PROMPT_LENGTH),
+      initial_checkpoint_path=frozen_checkpoint, partition=run_setup.PartitionConfig(num_devices=1),
       trainable_patterns=optimizers.PROMPT_PATTERNS, task_feature_lengths=lengths,
-      prompt_init=trainer.PromptInit(), random_seed=0)
+      prompt_init=run_setup.PromptInit(), random_seed=0)
   cfg = dataset.DatasetConfig(name, lengths, batch_size=4)
   evaluation = evaluation_lib.Evaluation(setup, cfg, max_examples=6)
   results = evaluation.run(setup.trainable)[name].metrics

@@ -189,7 +189,7 @@ def test_the_gin_files_header_command_trains_the_demo_towards_its_text(tmp_path,
   argv = [a for a in argv if not a.startswith(("--gin.MODEL_DIR", "--gin.TRAIN_STEPS",
                                                "--gin.EVAL_PERIOD", "--gin.CHECKPOINT_PERIOD"))]
   argv += [f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=40",
-           "--gin.CHECKPOINT_PERIOD=40", "--gin.runs.train.eval_dataset=None",
+           "--gin.CHECKPOINT_PERIOD=40", "--gin.runs.train.evaluation=None",
            "--gin.runs.train.log_period=40"]
   result = train_main.main(argv)
   assert result["trainable_params"] == len("the last word") * 128

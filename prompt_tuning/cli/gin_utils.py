@@ -516,7 +516,7 @@ def run_main(main) -> None:
   """Runs an entry point; user errors print one clear line instead of a traceback, and so does
   Ctrl-C (exit status 130; training saves its step first, see `runs.train`)."""
   import sys
-  from prompt_tuning.runs.trainer import NonFiniteLossError  # the entry points import it anyway
+  from prompt_tuning.runs.guards import NonFiniteLossError  # the entry points import it anyway
   try:
     result = main()
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:

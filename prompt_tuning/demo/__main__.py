@@ -107,8 +107,8 @@ def main(argv=None) -> dict:
       "--gin.EVAL_MAX_EXAMPLES=256",
       "--gin.PROMPT_LENGTH=20",
       "--gin.DROPOUT_RATE=0.0",
-      "--gin.runs.train.eval_at_start=True",
-      "--gin.runs.train.save_frozen=True",
+      "--gin.runs.EvalConfig.at_start=True",
+      "--gin.runs.CheckpointConfig.save_frozen=True",
       "--gin.runs.train.log_period=25",
   ])
   result = json.loads(train_out.strip().splitlines()[-1])

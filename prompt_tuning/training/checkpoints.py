@@ -25,12 +25,11 @@ in the middle of a save (tests/test_reliability.py).
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -42,6 +41,8 @@ from etils import epath
 
 from prompt_tuning.formats import prompt_io
 from prompt_tuning.formats import storage
+
+log = logging.getLogger("prompt_tuning")
 
 FORMAT_VERSION = 1
 SLOW_SAVE_ENV = "PROMPT_TUNING_TEST_SLOW_SAVE"
@@ -251,3 +252,82 @@ def check_writable(model_dir: str | os.PathLike) -> None:
   Creates nothing (see `storage.check_run_folder`): the checkpointer creates MODEL_DIR.
   """
   storage.check_run_folder(model_dir, "MODEL_DIR")
+
+
+class DataStates:
+  """`MODEL_DIR/data_state/host_<i>/<step>`: this host's input pipeline state at each checkpoint.
+
+  Pruned to the steps orbax keeps. Lets a resumed run restore its tf.data iterator instead of
+  replaying every batch before the checkpoint (`dataset.TrainBatches.save_state`).
+  """
+
+  def __init__(self, model_dir: str):
+    self.root = os.path.join(str(model_dir), "data_state", f"host_{jax.process_index()}")
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.root, str(int(step)))
+
+  def keep_only(self, steps: Sequence[int]) -> None:
+    import tensorflow as tf
+    if not tf.io.gfile.isdir(self.root):
+      return
+    keep = {str(int(s)) for s in steps}
+    for name in tf.io.gfile.listdir(self.root):
+      name = name.rstrip("/")
+      if name not in keep:
+        tf.io.gfile.rmtree(os.path.join(self.root, name))
+
+
+class BestCheckpoint:
+  """Keeps the checkpoint with the best dev metric (the paper's early stopping) in MODEL_DIR/best.
+
+  `metric` is "task/metric" or just "metric" (averaged over the evaluated tasks that report it).
+  """
+
+  def __init__(self, model_dir, metric: str, mode: str = "max"):
+    if mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {mode!r}")
+    self.metric, self.mode = metric, mode
+    self.path = storage.path(model_dir) / "best" / "best.json"
+    self.value = None
+    if self.path.exists():  # resuming: keep beating the best so far
+      self.value = json.loads(self.path.read_text())["value"]
+    self.checkpointer = Checkpointer(
+        model_dir, keep=1, subdir="best/checkpoints", numpy_subdir="best/numpy_checkpoints")
+
+  def _lookup(self, results) -> float:
+    if "/" in self.metric:
+      task, name = self.metric.split("/", 1)
+      if task not in results or name not in results[task]:
+        raise ValueError(f"best_metric {self.metric!r} is not among the eval results "
+                         f"{ {t: sorted(m) for t, m in results.items()} }")
+      return float(results[task][name])
+    values = [m[self.metric] for m in results.values() if self.metric in m]
+    if not values:
+      raise ValueError(f"best_metric {self.metric!r} is not reported by any evaluated task")
+    return float(np.mean(values))
+
+  def update(self, step: int, results, state, metadata) -> None:
+    value = self._lookup(results)
+    better = (self.value is None or (value > self.value if self.mode == "max"
+                                     else value < self.value))
+    if not better:
+      return
+    self.value = value
+    self.checkpointer.save(step, state, metadata)
+    if jax.process_index() == 0:
+      storage.atomic_write(self.path, json.dumps({"step": int(step), "metric": self.metric,
+                                                  "value": value}))
+    log.info("New best %s = %.4f at step %d (saved to %s)", self.metric, value, step,
+             self.path.parent)
+
+
+def saved_steps(model_dir: str | None) -> list[int]:
+  """The steps saved in MODEL_DIR/checkpoints, oldest first (none for a missing folder)."""
+  if not model_dir or not (storage.path(model_dir) / "checkpoints").is_dir():
+    return []
+  ckpt = Checkpointer(model_dir, keep=None)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
