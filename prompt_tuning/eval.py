@@ -9,6 +9,7 @@ import sys
 
 import gin
 
+from prompt_tuning.cli import flags
 from prompt_tuning.cli import gin_utils
 from prompt_tuning import runs
 
@@ -20,11 +21,11 @@ def main(argv=None) -> dict:
   # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
   remembered = lambda: runs.remembered_settings(
       gin_utils.bound_value("prompt_tuning.runs.evaluate", "model_dir"))
-  gin_utils.parse_args(argv, "Evaluate a prompt on a SeqIO task or mixture.", remembered=remembered)
-  result = gin_utils.call_configured(evaluate)
+  flags.parse_args(argv, "Evaluate a prompt on a SeqIO task or mixture.", remembered=remembered)
+  result = flags.call_configured(evaluate)
   print(json.dumps(result, default=float))
   return result
 
 
 if __name__ == "__main__":
-  gin_utils.run_main(main)
+  flags.run_main(main)

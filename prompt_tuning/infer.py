@@ -7,6 +7,7 @@ import sys
 
 import gin
 
+from prompt_tuning.cli import flags
 from prompt_tuning.cli import gin_utils
 from prompt_tuning import runs
 
@@ -18,13 +19,13 @@ def main(argv=None):
   # Settings not given (task, lengths, prompt, frozen model) come from MODEL_DIR's run.
   remembered = lambda: runs.remembered_settings(
       gin_utils.bound_value("prompt_tuning.runs.infer", "model_dir"))
-  gin_utils.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.",
+  flags.parse_args(argv, "Run inference with a prompt on a SeqIO task or mixture.",
                        remembered=remembered)
-  paths = gin_utils.call_configured(infer)
+  paths = flags.call_configured(infer)
   for p in paths:
     print(p)
   return paths
 
 
 if __name__ == "__main__":
-  gin_utils.run_main(main)
+  flags.run_main(main)

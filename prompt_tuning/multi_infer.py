@@ -14,7 +14,7 @@ import sys
 
 import gin
 
-from prompt_tuning.cli import gin_utils
+from prompt_tuning.cli import flags
 from prompt_tuning import runs
 
 MODES = {"ensemble": runs.evaluate_ensemble, "mixed": runs.infer_mixed}
@@ -25,7 +25,7 @@ def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   fns = {mode: gin.configurable(fn, module="prompt_tuning.runs")
          for mode, fn in MODES.items()}
-  gin_utils.parse_args(argv, "Evaluate a prompt ensemble, or serve several tasks' prompts in "
+  flags.parse_args(argv, "Evaluate a prompt ensemble, or serve several tasks' prompts in "
                              "mixed batches, on one frozen model.")
   try:
     mode = gin.query_parameter("%MULTI_PROMPT_MODE")
@@ -34,10 +34,10 @@ def main(argv=None) -> dict:
                      "runs/prompt_bank_infer.gin") from None
   if mode not in fns:
     raise ValueError(f"MULTI_PROMPT_MODE = {mode!r}; choose one of {sorted(fns)}")
-  result = gin_utils.call_configured(fns[mode])
+  result = flags.call_configured(fns[mode])
   print(json.dumps(result, default=float))
   return result
 
 
 if __name__ == "__main__":
-  gin_utils.run_main(main)
+  flags.run_main(main)

@@ -9,6 +9,7 @@ import sys
 
 import gin
 
+from prompt_tuning.cli import flags
 from prompt_tuning.cli import gin_utils
 from prompt_tuning import runs
 
@@ -17,13 +18,13 @@ def main(argv=None) -> dict:
   runs.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
   train = gin.configurable(runs.train, module="prompt_tuning.runs")
-  args = gin_utils.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
+  args = flags.parse_args(argv, "Prompt-tune (or model-tune) a frozen T5 with gin configs.")
   run_config = gin_utils.run_config(args.parsed)  # recorded with the run's settings
-  result = gin_utils.call_configured(lambda: train(run_config=run_config))
+  result = flags.call_configured(lambda: train(run_config=run_config))
   print(json.dumps({k: v for k, v in result.items() if k not in ("eval", "initial_eval")},
                    default=float))
   return result
 
 
 if __name__ == "__main__":
-  gin_utils.run_main(main)
+  flags.run_main(main)

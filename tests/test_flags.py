@@ -9,6 +9,7 @@ import gin
 import pytest
 
 from prompt_tuning import eval as eval_main
+from prompt_tuning.cli import flags
 from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
 from prompt_tuning import multi_infer
@@ -59,17 +60,17 @@ def test_a_misspelt_macro_is_refused_naming_the_right_one(tmp_path):
 def test_a_macro_of_a_file_not_loaded_names_that_file():
   """PROMPT_FILE is read only by prompts/from_file.gin."""
   with pytest.raises(ValueError, match=r"PROMPT_FILE.*--gin_file=prompts/from_file\.gin"):
-    gin_utils.parse_args(_eval_flags("runs/prompt_eval.gin", "--gin.PROMPT_FILE='p.npy'"), "")
+    flags.parse_args(_eval_flags("runs/prompt_eval.gin", "--gin.PROMPT_FILE='p.npy'"), "")
 
 
 def test_a_lowercase_macro_binding_is_refused_too():
   """`--gin.train_steps=5` binds a macro named train_steps, not runs.train.train_steps."""
   with pytest.raises(ValueError, match="did you mean TRAIN_STEPS"):
-    gin_utils.parse_args(_train_flags("/unused", "--gin_bindings=train_steps = 5"), "")
+    flags.parse_args(_train_flags("/unused", "--gin_bindings=train_steps = 5"), "")
 
 
 def test_known_macros_still_parse():
-  gin_utils.parse_args(_train_flags("/unused", "--gin.TASK_FEATURE_LENGTHS={'inputs': 9, "
+  flags.parse_args(_train_flags("/unused", "--gin.TASK_FEATURE_LENGTHS={'inputs': 9, "
                                     "'targets': 3}", "--gin.LEARNING_RATE=1e30"), "")
   assert gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value") == {"inputs": 9, "targets": 3}
   # The optimizer reads LEARNING_RATE, so even 1e30 is a real setting (the NaN guard handles it).
@@ -78,7 +79,7 @@ def test_known_macros_still_parse():
 
 
 def test_a_macro_only_a_binding_references_parses():
-  gin_utils.parse_args(_train_flags("/unused", "--gin.runs.train.train_steps=%STEPS",
+  flags.parse_args(_train_flags("/unused", "--gin.runs.train.train_steps=%STEPS",
                                     "--gin.STEPS=7"), "")
   assert gin.query_parameter("STEPS/macro.value") == 7
 
@@ -91,21 +92,21 @@ def test_a_macro_of_an_included_file_parses(tmp_path, use):
       "MY_STEPS = 11\n" if use == "defines" else
       "from __gin__ import dynamic_registration\nfrom prompt_tuning import runs\n"
       "runs.train.train_steps = %MY_STEPS\n")
-  gin_utils.parse_args(["--gin_file=models/from_checkpoint.gin", "--gin_file=top.gin",
+  flags.parse_args(["--gin_file=models/from_checkpoint.gin", "--gin_file=top.gin",
                         f"--gin_search_paths={tmp_path}", "--gin.MY_STEPS=5"], "")
   assert gin.query_parameter("MY_STEPS/macro.value") == 5
 
 
 def test_a_macro_of_a_file_a_binding_includes_parses(tmp_path):
   (tmp_path / "extra.gin").write_text("MY_STEPS = 11\n")
-  gin_utils.parse_args(_train_flags("/unused", f"--gin_search_paths={tmp_path}",
+  flags.parse_args(_train_flags("/unused", f"--gin_search_paths={tmp_path}",
                                     "--gin_bindings=include 'extra.gin'", "--gin.MY_STEPS=5"), "")
   assert gin.query_parameter("MY_STEPS/macro.value") == 5
 
 
 def test_a_macro_defined_by_a_later_gin_file_parses():
   """PROMPT_FILE comes from prompts/from_file.gin, loaded after the run file."""
-  gin_utils.parse_args(_eval_flags("runs/prompt_eval.gin", "--gin_file=prompts/from_file.gin",
+  flags.parse_args(_eval_flags("runs/prompt_eval.gin", "--gin_file=prompts/from_file.gin",
                                    "--gin.PROMPT_FILE='p.npy'"), "")
   assert gin.query_parameter("PROMPT_FILE/macro.value") == "p.npy"
 
@@ -133,7 +134,7 @@ def _documented_commands():
 
 @pytest.mark.parametrize("argv", _documented_commands())
 def test_documented_commands_still_parse(argv):
-  gin_utils.parse_args([a for a in argv if a.startswith("--gin")], "")
+  flags.parse_args([a for a in argv if a.startswith("--gin")], "")
 
 
 # --- Counts, periods and sizes of 0 or less -----------------------------------------------------
@@ -187,6 +188,7 @@ def test_eval_and_infer_refuse_a_limit_of_zero_or_less(tmp_path, main, run_file,
 def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
   """`make demo` writes ./runs/demo; gin then saw a namespace package `runs` and every
   `include 'runs/...'` failed with a TypeError from inside gin."""
+  from prompt_tuning.cli import flags
   from prompt_tuning.cli import gin_utils
   (tmp_path / "runs" / "demo").mkdir(parents=True)
   monkeypatch.chdir(tmp_path)

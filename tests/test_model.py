@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prompt_tuning import T5, PromptConfig
-from prompt_tuning.model import t5 as model_lib
+from prompt_tuning.model import layers
 from prompt_tuning.model import partitioning
 from tests.conftest import tiny_config
 
@@ -77,7 +77,7 @@ def test_decoder_is_causal():
 def test_relative_position_buckets_reference_values():
   # Worked by hand from T5's definition: bidirectional, 8 buckets (4 per direction, 2 exact),
   # max distance 16; e.g. distance 6: 2 + floor(log(6/2) / log(16/2) * 2) = 3 -> bucket 4+3.
-  b = model_lib.relative_position_buckets(1, 12, bidirectional=True, num_buckets=8,
+  b = layers.relative_position_buckets(1, 12, bidirectional=True, num_buckets=8,
                                           max_distance=16)
   assert b.tolist() == [[0, 5, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7]]
 
@@ -87,7 +87,7 @@ def test_relative_position_buckets_match_transformers(bidirectional):
   torch = pytest.importorskip("torch")
   from transformers.models.t5.modeling_t5 import T5Attention
   for buckets, distance in [(32, 128), (8, 16), (4, 8)]:
-    ours = model_lib.relative_position_buckets(300, 300, bidirectional=bidirectional,
+    ours = layers.relative_position_buckets(300, 300, bidirectional=bidirectional,
                                                num_buckets=buckets, max_distance=distance)
     ctx = torch.arange(300)[:, None]
     mem = torch.arange(300)[None, :]

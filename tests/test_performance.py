@@ -18,7 +18,7 @@ import pytest
 from prompt_tuning import T5, PromptConfig
 from prompt_tuning.training import optimizers
 from prompt_tuning.training import step as train_lib
-from prompt_tuning.model import t5 as model_lib
+from prompt_tuning.model import layers
 from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 
@@ -36,7 +36,7 @@ def test_mixed_einsum_rounds_inputs_and_accumulates_in_float32_both_ways():
   x = rng.randn(3, 5, 16).astype(np.float32)
   w = rng.randn(16, 8).astype(np.float32)
   g = rng.randn(3, 5, 8).astype(np.float32)
-  out, vjp = jax.vjp(lambda x, w: model_lib.mixed_einsum("abi,io->abo", x, w, jnp.bfloat16),
+  out, vjp = jax.vjp(lambda x, w: layers.mixed_einsum("abi,io->abo", x, w, jnp.bfloat16),
                      x, w)
   dx, dw = vjp(jnp.asarray(g))
   assert out.dtype == dx.dtype == dw.dtype == jnp.float32
@@ -46,11 +46,11 @@ def test_mixed_einsum_rounds_inputs_and_accumulates_in_float32_both_ways():
   np.testing.assert_allclose(dx, np.einsum("abo,io->abi", gr, wr, dtype=np.float64), atol=1e-5)
   np.testing.assert_allclose(dw, np.einsum("abi,abo->io", xr, gr, dtype=np.float64), atol=1e-5)
   # A bfloat16 input gets a bfloat16 cotangent (the frozen weights' dtype is kept).
-  _, vjp16 = jax.vjp(lambda w: model_lib.mixed_einsum("abi,io->abo", x, w, jnp.bfloat16),
+  _, vjp16 = jax.vjp(lambda w: layers.mixed_einsum("abi,io->abo", x, w, jnp.bfloat16),
                      w.astype(jnp.bfloat16))
   assert vjp16(jnp.asarray(g))[0].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="every index"):
-    model_lib._transposed_specs("ij,jk->k")
+    layers._transposed_specs("ij,jk->k")
 
 
 def _setup(cfg, frozen_dtype, batch_size=8):

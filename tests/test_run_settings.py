@@ -21,6 +21,7 @@ import seqio
 
 from prompt_tuning.training import checkpoints
 from prompt_tuning import eval as eval_main
+from prompt_tuning.cli import flags
 from prompt_tuning.cli import gin_utils
 from prompt_tuning import infer as infer_main
 from prompt_tuning.formats import pretrained
@@ -127,7 +128,7 @@ def test_flags_and_own_gin_files_beat_model_dir_which_beats_the_project_files(
     tmp_path, trained, frozen_checkpoint):
   own = tmp_path / "own.gin"
   own.write_text("PROMPT_LENGTH = 7\n")
-  gin_utils.parse_args(
+  flags.parse_args(
       ["--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
        f"--gin_file={own}", f"--gin.MODEL_DIR='{trained}'",
        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}"], "",
@@ -142,7 +143,7 @@ def test_flags_and_own_gin_files_beat_model_dir_which_beats_the_project_files(
 
 
 def test_without_model_dir_the_run_file_defaults_stay():
-  gin_utils.parse_args(
+  flags.parse_args(
       ["--gin_file=models/from_checkpoint.gin", "--gin_file=runs/prompt_eval.gin",
        "--gin_file=prompts/from_file.gin", "--gin.PROMPT_FILE='p.npy'"], "",
       remembered=lambda: settings_lib.remembered_settings(

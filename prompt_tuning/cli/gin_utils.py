@@ -1,11 +1,12 @@
-"""T5X-style gin flags for the entry points: `--gin_file`, `--gin.NAME=VALUE`, `--gin_bindings`,
-`--gin_search_paths`, and the project's `gin/` folder always on the search path.
+"""Gin at the edge: parsing the entry points' gin files and bindings (the flags are in
+`prompt_tuning.cli.flags`), the project's `gin/` folder always on the search path, and model
+configs read from gin model files (`config_from_gin`).
 
 Errors in gin files or bindings are re-raised naming the file or binding and the fix. A binding
 of a macro that no loaded gin file uses or defines (a typo such as `--gin.TASK_FEATURE_LENGHTS`)
 is an error too: gin itself accepts it silently and the run goes on with the default.
 
-Remembered settings (eval, infer): after parsing, `parse_args(remembered=...)` binds the
+Remembered settings (eval, infer): after parsing, `flags.parse_args(remembered=...)` binds the
 settings a training run recorded in MODEL_DIR (task, lengths, prompt, frozen model) to the
 macros the user did not set. Precedence, low to high: the project's gin files (gin/: run files,
 models/, prompts/, ...), then MODEL_DIR's settings, then the user's own gin files (outside gin/)
@@ -13,7 +14,6 @@ and `--gin.X` / `--gin_bindings` flags.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import importlib
@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 from gin import config_parser
@@ -139,44 +139,6 @@ def _restore_gin_state(gin_config, saved) -> None:
   gin_config._LOCATION_PREFIXES[:] = saved["prefixes"]
   gin_config._set_config_is_locked(saved["locked"])
 # pylint: enable=protected-access
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="Gin file to load (repeatable; later files win). Relative paths are "
-                           "looked up in --gin_search_paths, then the project's gin/ folder.")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="A gin binding, e.g. --gin_bindings='TRAIN_STEPS = 100' (repeatable)")
-  parser.add_argument("--gin_search_paths", action="append", default=[],
-                      help="Extra folders (comma-separated or repeated) to search for gin files")
-  parser.add_argument("--tfds_data_dir", default=None, help="TFDS data directory")
-  parser.add_argument("--coordinator_address", default=None,
-                      help="Multi-host: host:port of process 0 (calls jax.distributed.initialize)")
-  parser.add_argument("--process_count", type=int, default=None, help="Multi-host: processes")
-  parser.add_argument("--process_index", type=int, default=None, help="Multi-host: this process")
-
-
-def split_gin_dot_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Pulls T5X's `--gin.NAME=VALUE` flags out of argv as `NAME = VALUE` bindings."""
-  rest, bindings = [], []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if arg.startswith("--gin."):
-      body = arg[len("--gin."):]
-      if "=" in body:
-        name, value = body.split("=", 1)
-      elif i + 1 < len(args):
-        name, value = body, args[i + 1]
-        i += 1
-      else:
-        raise SystemExit(f"Flag {arg} needs a value: --gin.NAME=VALUE")
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, bindings
 
 
 def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
@@ -466,76 +428,3 @@ def run_config(parsed: Parsed, entry: str = "prompt_tuning.runs.train") -> dict[
   return {"gin_files": list(parsed.gin_files), "gin_config": gin.config_str(),
           "optimizer": None if optimizer is None else _describe(optimizer),
           "file_tasks": _file_tasks()}
-
-
-def parse_args(argv: Sequence[str], description: str, *,
-               remembered: Callable[[], tuple[str, Mapping[str, Any]] | None] | None = None
-               ) -> argparse.Namespace:
-  """Parses the entry-point flags and applies them (gin, TFDS dir, multi-host runtime).
-
-  `remembered()`, called once the flags are parsed, returns (source, {macro: value}) to bind
-  where the user set nothing (eval and infer: MODEL_DIR's run settings). `args.parsed` is what
-  `parse` loaded.
-  """
-  rest, dot_bindings = split_gin_dot_flags(argv)
-  parser = argparse.ArgumentParser(description=description)
-  add_flags(parser)
-  args = parser.parse_args(rest)
-  if not args.gin_file:
-    parser.error("at least one --gin_file is required, e.g. --gin_file=runs/prompt_finetune.gin")
-  if args.tfds_data_dir:
-    import seqio
-    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
-  if args.coordinator_address or args.process_count:
-    import jax
-    jax.distributed.initialize(args.coordinator_address, args.process_count, args.process_index)
-  args.parsed = parse(args.gin_file, list(args.gin_bindings) + dot_bindings,
-                      args.gin_search_paths)
-  if remembered is not None:
-    apply_remembered(remembered(), args.parsed.user_macros)
-  return args
-
-
-def call_configured(fn):
-  """Calls a gin-configured entry function, turning gin's missing-macro errors into advice."""
-  try:
-    return fn()
-  except Exception as e:
-    text = str(e)
-    if "gin.REQUIRED" in text or "Required bindings" in text or "No values supplied" in text:
-      raise ValueError(f"{text}\nA required setting is missing: pass it as --gin.NAME=VALUE "
-                       "(e.g. --gin.MODEL_DIR=\"'/tmp/run'\"), or include the gin file that "
-                       "defines it (a models/ file defines MODEL_CONFIG).") from e
-    raise
-
-
-INTERRUPTED_STATUS = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
-
-
-def run_main(main) -> None:
-  """Runs an entry point; user errors print one clear line instead of a traceback, and so does
-  Ctrl-C (exit status 130; training saves its step first, see `runs.train`)."""
-  import sys
-  from prompt_tuning.runs.guards import NonFiniteLossError  # the entry points import it anyway
-  try:
-    result = main()
-  except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-    if os.environ.get("PROMPT_TUNING_TRACEBACK"):
-      raise
-    # gin appends "In call to configurable 'train' (<function ...>)": not the user's business.
-    text = "\n".join(line for line in str(e).splitlines()
-                     if not line.strip().startswith("In call to configurable"))
-    print(f"error: {text}", file=sys.stderr)
-    print("(set PROMPT_TUNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt as e:
-    if os.environ.get("PROMPT_TUNING_TRACEBACK"):
-      raise
-    print(f"interrupted: {str(e) or 'stopped by Ctrl-C'}", file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
-    # Not sys.exit: it would wait for orbax's worker threads, which may be in the middle of
-    # the very save the user just aborted.
-    os._exit(INTERRUPTED_STATUS)  # pylint: disable=protected-access
-  if isinstance(result, dict) and result.get("signal") == "SIGINT":
-    sys.exit(INTERRUPTED_STATUS)  # saved, but the run did not finish

@@ -236,7 +236,7 @@ def read_run_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
 
 def remembered_settings(model_dir) -> tuple[str, dict[str, Any]] | None:
   """(source, {macro: value}): what eval and infer take from MODEL_DIR where the user sets
-  nothing (`gin_utils.parse_args(remembered=...)`)."""
+  nothing (`flags.parse_args(remembered=...)`)."""
   found = read_run_settings(model_dir)
   if found is None:
     return None
