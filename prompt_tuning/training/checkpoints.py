@@ -21,7 +21,7 @@ leftovers of an interrupted save when it starts. A non-finite prompt is never sa
 
 Test hook: `PROMPT_TUNING_TEST_SLOW_SAVE=STEP:SECONDS` pauses the save of checkpoint STEP for
 SECONDS after its data are written and before orbax commits it, so a test can kill the process
-in the middle of a save (tests/test_reliability.py).
+in the middle of a save (tests/runs/test_reliability.py).
 """
 from __future__ import annotations
 

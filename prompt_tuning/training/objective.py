@@ -87,12 +87,3 @@ class EncoderDecoderModel:
     targets = batch["decoder_target_tokens"]
     token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_ll * loss_weights(batch), axis=-1)
-
-  def predict_batch(self, params, batch: Batch, decoding_config=None, rng=None) -> jnp.ndarray:
-    """Decoded target tokens `[B, T]` using the model's key/value cache."""
-    from prompt_tuning.inference import decoding  # decoding imports this module's users, not vice versa
-    if decoding_config is None:
-      decoding_config = decoding.DecodingConfig(
-          max_decode_length=batch["decoder_target_tokens"].shape[1])
-    tokens, _ = decoding.decode(self.module, params, batch, decoding_config, rng=rng)
-    return tokens

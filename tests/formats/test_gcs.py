@@ -28,10 +28,10 @@ from prompt_tuning.formats import storage
 from prompt_tuning import train as train_main
 from prompt_tuning.training import step as train_lib
 from prompt_tuning.scripts import export_prompt
-from tests.test_reliability import NO_EVAL, STEPS, _final_prompt, _kill_when
-from tests.test_reliability import reference  # noqa: F401  pylint: disable=unused-import
-from tests.test_trainer import PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
-from tests.test_trainer import frozen_checkpoint  # noqa: F401  pylint: disable=unused-import
+from tests.runs.test_reliability import NO_EVAL, STEPS, _final_prompt, _kill_when
+from tests.runs.test_reliability import reference  # noqa: F401  pylint: disable=unused-import
+from tests.runs.test_loop import PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
+from tests.runs.test_loop import frozen_checkpoint  # noqa: F401  pylint: disable=unused-import
 
 import tasks.demo  # noqa: F401  (registers demo_taskless_last)
 
@@ -192,8 +192,8 @@ def test_eval_of_an_empty_gs_model_dir_is_refused(gcs_dir, frozen_checkpoint):
 
 
 # --- Whole runs with MODEL_DIR on gs:// ---------------------------------------------------------
-# The tiny frozen model and flags of tests/test_trainer.py; the local uninterrupted run of
-# tests/test_reliability.py is the reference each gs:// run must reproduce bit for bit.
+# The tiny frozen model and flags of tests/runs/test_loop.py; the local uninterrupted run of
+# tests/runs/test_reliability.py is the reference each gs:// run must reproduce bit for bit.
 
 
 def _prefix(url):

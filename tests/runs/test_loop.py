@@ -23,7 +23,7 @@ from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
 from tests.conftest import tiny_config, tiny_hf_t5
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PROMPT_LENGTH = 4
 
 

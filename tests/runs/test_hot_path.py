@@ -9,7 +9,7 @@ from prompt_tuning import train as train_main
 from prompt_tuning.model.prompt import PromptConfig
 from prompt_tuning.model import partitioning
 from prompt_tuning.runs import setup as run_setup
-from tests.test_trainer import _flags, frozen_checkpoint  # noqa: F401  (module fixture)
+from tests.runs.test_loop import _flags, frozen_checkpoint  # noqa: F401  (module fixture)
 
 
 @pytest.fixture(autouse=True)

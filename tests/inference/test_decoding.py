@@ -19,7 +19,7 @@ from prompt_tuning import T5, PromptConfig
 from prompt_tuning.inference import decoding
 from tests.conftest import tiny_config, tiny_hf_t5
 
-GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin" / "decoding"
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin" / "decoding"
 MAX_LEN = 10
 
 
@@ -313,7 +313,7 @@ def test_decode_dispatches_each_method():
 # Stands in for the evaluation code that takes %DECODING_CONFIG.
 _decoding_config_consumer = gin.external_configurable(
     lambda decoding_config=None: decoding_config, name="decoding_config_consumer",
-    module="tests.test_decoding")
+    module="tests.inference.test_decoding")
 
 
 @pytest.mark.parametrize("name,method", [("greedy", "greedy"), ("beam_search", "beam"),
@@ -323,7 +323,7 @@ def test_gin_files_bind_a_decoding_config(name, method):
   gin.clear_config()
   try:
     gin.parse_config_file(str(GIN_DIR / f"{name}.gin"))
-    gin.parse_config("tests.test_decoding.decoding_config_consumer.decoding_config = "
+    gin.parse_config("tests.inference.test_decoding.decoding_config_consumer.decoding_config = "
                      "%DECODING_CONFIG")
     if method == "rank_classification":
       gin.parse_config("CANDIDATE_TARGETS = [[5, 1], [7, 1]]")

@@ -45,7 +45,7 @@ def test_shipped_patterns_select_what_they_must():
 def test_gin_trainable_patterns_are_the_shipped_ones():
   """Every `trainable_patterns` in gin/ selects the prompt only, or everything."""
   found = {}
-  for gin_file in pathlib.Path(__file__).parents[1].joinpath("gin").rglob("*.gin"):
+  for gin_file in pathlib.Path(__file__).parents[2].joinpath("gin").rglob("*.gin"):
     for line in gin_file.read_text().splitlines():
       m = re.match(r"\s*trainable_patterns\s*=\s*(\[.*\])", line)
       if m:

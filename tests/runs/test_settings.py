@@ -4,7 +4,7 @@ NaN loss, Ctrl-C saves like SIGTERM, and errors name the real cause (an unknown 
 frozen checkpoint).
 
 Runs go through the command lines on the demo task and the tiny frozen model of
-tests/test_trainer.py; one 3-step run (checkpoint 3) is shared and copied where a test resumes it.
+tests/runs/test_loop.py; one 3-step run (checkpoint 3) is shared and copied where a test resumes it.
 """
 import json
 import pathlib
@@ -30,8 +30,8 @@ from prompt_tuning.model.prompt import PromptConfig
 from prompt_tuning.runs import guards
 from prompt_tuning.runs import settings as settings_lib
 from prompt_tuning.runs import setup as run_setup
-from tests.test_trainer import NO_EVAL, PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
-from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
+from tests.runs.test_loop import NO_EVAL, PROMPT_LENGTH, REPO, _eval_flags, _flags, _subprocess_env
+from tests.runs.test_loop import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
 COMBINE = "--gin.PROMPT_COMBINE='prefix_after_bos'"  # not the run files' default: must be remembered
 

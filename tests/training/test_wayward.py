@@ -20,10 +20,10 @@ from prompt_tuning.training import wayward
 from prompt_tuning.training.objective import EncoderDecoderModel
 from prompt_tuning.scripts import nearest_tokens
 from tests.conftest import tiny_config
-from tests.test_train_lib import _batch
+from tests.training.test_step import _batch
 
 RNG = jax.random.PRNGKey(0)
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TEXT_IDS = (5, 17, 33, 8, 50, 21)
 
 

@@ -22,7 +22,7 @@ from prompt_tuning.model import layers
 from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEYS = ("prompt_step_ms", "full_ft_step_ms", "eval_fwd_ms", "greedy32_ms", "compile_s",
         "flops_prompt_step", "flops_full_step", "gflops_per_s", "peak_rss_mb")
 

@@ -11,7 +11,7 @@ from prompt_tuning.model import prompt as prompts
 from prompt_tuning.training import step as train_lib
 from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
-from tests.test_train_lib import _batch
+from tests.training.test_step import _batch
 
 RNG = jax.random.PRNGKey(0)
 BASE = 63  # task 0's sentinel id in the tiny vocabulary of 64

@@ -15,7 +15,7 @@ from prompt_tuning import infer as infer_main
 from prompt_tuning import multi_infer
 from prompt_tuning import train as train_main
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from prompt_tuning.prompts import recycling
 from prompt_tuning.scripts import recycle_prompt
 from tests.conftest import tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RNG = jax.random.PRNGKey(0)
 
 

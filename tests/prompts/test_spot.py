@@ -13,7 +13,7 @@ from prompt_tuning.formats import prompt_io
 from prompt_tuning.prompts import spot
 from prompt_tuning.scripts import rank_source_prompts
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _prompt(seed, length=8, d_model=16, shift=0.0):

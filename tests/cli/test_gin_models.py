@@ -10,7 +10,7 @@ from prompt_tuning.formats import pretrained
 from prompt_tuning.model.config import PRESETS, T5Config
 from tests.conftest import fixture_path
 
-MODELS = pathlib.Path(__file__).resolve().parents[1] / "gin" / "models"
+MODELS = pathlib.Path(__file__).resolve().parents[2] / "gin" / "models"
 SIZES = ("small", "base", "large", "xl", "xxl")
 EXPECTED_FILES = sorted(
     [f"t5_1_1_{s}.gin" for s in SIZES] + [f"t5_1_1_lm100k_{s}.gin" for s in SIZES]

@@ -2,8 +2,8 @@
 hostile files. Each test says what a user is promised; docs/guarantees.md lists them all.
 
 Runs go through the command line (`prompt_tuning.train.main`, in process where no kill is needed)
-on the bundled demo task and the tiny frozen model of tests/test_trainer.py. The kill after a
-completed save is tests/test_trainer.py::test_sigkill_after_checkpoint_then_resume_is_bit_identical.
+on the bundled demo task and the tiny frozen model of tests/runs/test_loop.py. The kill after a
+completed save is tests/runs/test_loop.py::test_sigkill_after_checkpoint_then_resume_is_bit_identical.
 """
 import glob
 import json
@@ -36,8 +36,8 @@ from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
 from prompt_tuning.runs import run_log
 from tests.conftest import fixture_path, hf_folder, tiny_config
-from tests.test_trainer import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
-from tests.test_trainer import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
+from tests.runs.test_loop import PROMPT_LENGTH, REPO, _final_prompt, _flags, _subprocess_env
+from tests.runs.test_loop import frozen_checkpoint  # pylint: disable=unused-import  (a fixture)
 
 STEPS = 6  # checkpoints at 3 and 6 (CHECKPOINT_PERIOD=3 in _flags)
 NO_EVAL = "--gin.runs.train.evaluation=None"  # eval is not what these tests exercise
@@ -563,7 +563,7 @@ def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, fro
                                                                   entry, monkeypatch, capsys):
   """`pathlib` would make `s3://bucket/run` the local folder `s3:/bucket/run`: train would write
   there and eval would find no checkpoint and evaluate a fresh prompt. A URL scheme other than
-  gs:// (written natively, tests/test_gcs.py) is refused, naming the schemes that work."""
+  gs:// (written natively, tests/formats/test_gcs.py) is refused, naming the schemes that work."""
   monkeypatch.chdir(tmp_path)
   flags = _flags(tmp_path / "unused", frozen_checkpoint)
   flags = [f for f in flags if not f.startswith("--gin.MODEL_DIR")]

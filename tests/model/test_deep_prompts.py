@@ -13,7 +13,7 @@ from prompt_tuning.model import scan_conversion
 from prompt_tuning.training import step as train_lib
 from prompt_tuning.training.objective import EncoderDecoderModel
 from tests.conftest import tiny_config
-from tests.test_train_lib import _batch, _flops
+from tests.training.test_step import _batch, _flops
 
 RNG = jax.random.PRNGKey(0)
 
