@@ -14,7 +14,7 @@ token, which the encoder drops.
 
 Speed and scale options (all in `T5Config`, all off by default so float32 stays exact):
 `matmul_dtype="bfloat16"` rounds every weight matmul's inputs to bfloat16 and accumulates in
-float32, in the forward and the backward pass (`mixed_einsum`); `scan_layers` stacks each
+float32, in the forward and the backward pass (`layers.mixed_einsum`); `scan_layers` stacks each
 stack's layers under one `layers` parameter with a leading `layers` axis (see
 `scan_conversion.py` for the T5X per-layer layout); `remat_policy` rematerialises each layer
 in the backward pass. For decoding, `T5.cross_attention_kv` computes every layer's
