@@ -174,9 +174,9 @@ def test_initial_checkpoint_on_gs(tmp_path, gcs_dir, frozen_checkpoint, fmt):
 def test_train_into_a_missing_bucket_fails_before_any_step(gcs_emulator, frozen_checkpoint,
                                                            capsys):
   """The start-up probe: one line naming MODEL_DIR, the object it tried and the fix; exit 2."""
-  from prompt_tuning.cli import flags
+  from prompt_tuning.cli import flags as cli_flags
   with pytest.raises(SystemExit) as e:
-    flags.run_main(lambda: train_main.main(
+    cli_flags.run_main(lambda: train_main.main(
         _flags("gs://no-such-bucket-here/run", frozen_checkpoint, NO_EVAL)))
   assert e.value.code == 2
   err = capsys.readouterr().err

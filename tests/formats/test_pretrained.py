@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning.formats import hf
+from prompt_tuning.formats import hf as hf_format
 from prompt_tuning.formats import pretrained
 from prompt_tuning.model.config import T5Config
 from prompt_tuning.model.t5 import T5
@@ -93,13 +93,13 @@ def _write_hf(hf, model, folder, fmt):
     model.save_pretrained(folder)
   elif fmt == "sharded":
     model.save_pretrained(folder, max_shard_size="20KB")
-    assert os.path.exists(os.path.join(folder, hf.HF_SAFETENSORS_INDEX))
+    assert os.path.exists(os.path.join(folder, hf_format.HF_SAFETENSORS_INDEX))
   else:  # what transformers 4 wrote: every state-dict entry (aliases too), config says tie: false
     os.makedirs(folder)
-    torch.save(model.state_dict(), os.path.join(folder, hf.HF_TORCH))
+    torch.save(model.state_dict(), os.path.join(folder, hf_format.HF_TORCH))
     cfg = model.config.to_dict()
     cfg["tie_word_embeddings"] = bool(cfg.pop("scale_decoder_outputs"))
-    with open(os.path.join(folder, hf.HF_CONFIG), "w") as f:
+    with open(os.path.join(folder, hf_format.HF_CONFIG), "w") as f:
       json.dump(cfg, f)
 
 
@@ -152,10 +152,10 @@ def test_hf_mismatch_lists_everything(hf, tmp_path):
   hf_model = _hf_model(hf, "t5_1_1")
   folder = tmp_path / "hf"
   hf_model.save_pretrained(folder)
-  tensors = load_file(folder / hf.HF_SAFETENSORS)
+  tensors = load_file(folder / hf_format.HF_SAFETENSORS)
   del tensors["decoder.block.2.layer.1.EncDecAttention.k.weight"]
   tensors["encoder.block.0.layer.0.SelfAttention.bogus.weight"] = np.zeros(3, np.float32)
-  save_file(tensors, folder / hf.HF_SAFETENSORS, metadata={"format": "pt"})
+  save_file(tensors, folder / hf_format.HF_SAFETENSORS, metadata={"format": "pt"})
   with pytest.raises(ValueError) as e:
     pretrained.load_pretrained(folder)
   assert "decoder/layers_2/encoder_decoder_attention/key/kernel" in str(e.value)
@@ -165,8 +165,8 @@ def test_hf_mismatch_lists_everything(hf, tmp_path):
 def test_hf_refuses_shard_outside_folder(tmp_path):
   folder = tmp_path / "hf"
   folder.mkdir()
-  (folder / hf.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
-  (folder / hf.HF_SAFETENSORS_INDEX).write_text(json.dumps(
+  (folder / hf_format.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
+  (folder / hf_format.HF_SAFETENSORS_INDEX).write_text(json.dumps(
       {"weight_map": {"shared.weight": "../elsewhere.safetensors"}}))
   with pytest.raises(ValueError, match="elsewhere"):
     pretrained.load_pretrained(folder)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from prompt_tuning.formats import prompt_io
-from prompt_tuning.formats import hf
+from prompt_tuning.formats import hf as hf_format
 from prompt_tuning.formats import pretrained
 from prompt_tuning.formats import safe_io
 from tests.conftest import tiny_config
@@ -38,8 +38,8 @@ def test_inside_accepts_paths_inside(folder):
 
 
 def _hf_with_shard(folder, shard):
-  (folder / hf.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
-  (folder / hf.HF_SAFETENSORS_INDEX).write_text(json.dumps(
+  (folder / hf_format.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
+  (folder / hf_format.HF_SAFETENSORS_INDEX).write_text(json.dumps(
       {"weight_map": {"shared.weight": shard}}))
 
 
@@ -58,7 +58,7 @@ def test_every_caller_applies_the_same_rule(folder, relative):
   with pytest.raises(ValueError, match="refusing path") as e:
     pretrained.load_pretrained(folder)
   messages.append(str(e.value))
-  (folder / hf.HF_SAFETENSORS_INDEX).unlink()
+  (folder / hf_format.HF_SAFETENSORS_INDEX).unlink()
   _t5x_with_path(folder, relative)
   with pytest.raises(prompt_io.PromptFileError, match="refusing path") as e:
     prompt_io.extract_prompt_from_t5x(folder)

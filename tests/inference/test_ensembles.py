@@ -15,7 +15,8 @@ import pytest
 from prompt_tuning import T5, PromptConfig, multi_infer
 from prompt_tuning.inference import decoding
 from prompt_tuning.prompts import initializers
-from prompt_tuning.runs import ensembles as multi_prompt
+from prompt_tuning.inference import ensembles
+from prompt_tuning.prompts import bank
 from prompt_tuning.formats import pretrained
 from prompt_tuning.formats import prompt_io
 from tests.conftest import tiny_config
@@ -60,8 +61,8 @@ def setup():
 
 
 def _bank(frozen, prompts):
-  model = multi_prompt.bank_model(CONFIG, len(prompts), LENGTH)
-  return model, multi_prompt.with_bank(frozen, multi_prompt.build_bank(prompts))
+  model = bank.bank_model(CONFIG, len(prompts), LENGTH)
+  return model, bank.with_bank(frozen, bank.build_bank(prompts))
 
 
 def test_mixed_task_batches_equal_each_prompt_alone(setup):
@@ -72,13 +73,13 @@ def test_mixed_task_batches_equal_each_prompt_alone(setup):
   index = np.array([2, 0, 1, 1, 0])
   requests = [(int(i), ENC[b][ENC[b] > 0].tolist()) for b, i in enumerate(index)]
   # Batches of 3: two batches, the second padded; rows of different prompts share each batch.
-  tokens, scores = multi_prompt.decode_mixed(model, params, requests, GREEDY, batch_size=3,
+  tokens, scores = ensembles.decode_mixed(model, params, requests, GREEDY, batch_size=3,
                                              input_length=ENC.shape[1])
   rows = np.arange(len(ENC))
   np.testing.assert_array_equal(tokens, alone[index, rows])
   np.testing.assert_allclose(scores, alone_scores[index, rows], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"prompt indices must be in \[0, 3\)"):
-    multi_prompt.decode_mixed(model, params, [(3, [5, 1])], GREEDY, batch_size=3)
+    ensembles.decode_mixed(model, params, [(3, [5, 1])], GREEDY, batch_size=3)
 
 
 def test_mixed_rank_classification_ranks_each_tasks_own_labels(setup):
@@ -89,9 +90,9 @@ def test_mixed_rank_classification_ranks_each_tasks_own_labels(setup):
   tables = [decoding.pad_candidates([[5, 1], [7, 1]]),
             decoding.pad_candidates([[12, 1], [40, 1], [4, 9, 1]])]
   index = np.array([0, 1, 0, 1, 1])
-  candidates = multi_prompt.stack_candidates(tables)[index]
+  candidates = ensembles.stack_candidates(tables)[index]
   cfg = decoding.DecodingConfig(method="rank_classification")
-  tokens, _ = multi_prompt.decode_rows(model, params, ENC, index, cfg, batch_size=len(ENC),
+  tokens, _ = ensembles.decode_rows(model, params, ENC, index, cfg, batch_size=len(ENC),
                                        candidate_targets_NxCxT=candidates)
   for k, table in enumerate(tables):
     best, _ = decoding.rank_classification(model, params, ENC, table,
@@ -105,25 +106,25 @@ def test_mixed_rank_classification_ranks_each_tasks_own_labels(setup):
 def test_ensemble_equals_a_vote_over_each_prompt_alone(setup):
   frozen, prompts, alone, alone_scores = setup
   model, params = _bank(frozen, prompts)
-  out = multi_prompt.decode_ensemble(model, params, ENC, GREEDY, batch_size=3)
+  out = ensembles.decode_ensemble(model, params, ENC, GREEDY, batch_size=3)
   np.testing.assert_array_equal(out.tokens_BxNxT, alone.transpose(1, 0, 2))
   np.testing.assert_allclose(out.scores_BxN, alone_scores.T, rtol=1e-5, atol=1e-5)
-  keys = [[multi_prompt.output_key(alone[n, b]) for n in range(3)] for b in range(len(ENC))]
-  choice, votes = multi_prompt.majority_vote(keys, alone_scores.T)
+  keys = [[ensembles.output_key(alone[n, b]) for n in range(3)] for b in range(len(ENC))]
+  choice, votes = ensembles.majority_vote(keys, alone_scores.T)
   np.testing.assert_array_equal(out.choice_B, choice)
   np.testing.assert_array_equal(out.votes_B, votes)
   np.testing.assert_array_equal(out.tokens_BxT, alone[choice, np.arange(len(ENC))])
 
   # Bank [A, B, A]: A has two votes wherever B disagrees, so the ensemble is A's output.
   model, params = _bank(frozen, [prompts[0], prompts[1], prompts[0]])
-  out = multi_prompt.decode_ensemble(model, params, ENC, GREEDY, batch_size=3)
+  out = ensembles.decode_ensemble(model, params, ENC, GREEDY, batch_size=3)
   np.testing.assert_array_equal(out.tokens_BxT, alone[0])
   assert (out.votes_B >= 2).all() and (out.votes_B == 2).any()
 
 
 def test_majority_vote_ties_are_deterministic():
   vote = lambda keys, scores: tuple(
-      x.tolist() for x in multi_prompt.majority_vote([keys], [scores]))
+      x.tolist() for x in ensembles.majority_vote([keys], [scores]))
   assert vote(["a", "b", "a"], [-9.0, -0.1, -9.0]) == ([0], [2])  # votes beat scores
   assert vote(["x", "y", "z"], [-3.0, -1.0, -2.0]) == ([1], [1])  # 1-1-1: best score
   assert vote(["x", "y", "y", "x"], [-1.0, -2.0, -2.0, -1.0]) == ([0], [2])  # summed score
@@ -140,20 +141,20 @@ def test_build_bank_reads_every_format_and_checks_shapes(tmp_path):
     np.save(f, b)
   prompt_io.export_peft_adapter(tmp_path / "c", c, base_model_name_or_path="t5",
                                 num_layers=1, num_attention_heads=1)
-  bank = multi_prompt.build_bank([tmp_path / "a.npy", str(tmp_path / "b"), tmp_path / "c", a])
-  np.testing.assert_array_equal(bank, np.stack([a, b, c, a]))
+  stacked = bank.build_bank([tmp_path / "a.npy", str(tmp_path / "b"), tmp_path / "c", a])
+  np.testing.assert_array_equal(stacked, np.stack([a, b, c, a]))
   np.save(tmp_path / "long.npy", np.zeros((LENGTH + 1, 4), np.float32))
   with pytest.raises(prompt_io.PromptFileError, match=r"long.npy: shape \(4, 4\) differs"):
-    multi_prompt.build_bank([tmp_path / "a.npy", tmp_path / "long.npy"])
+    bank.build_bank([tmp_path / "a.npy", tmp_path / "long.npy"])
   with pytest.raises(ValueError, match="a list of prompts"):
-    multi_prompt.build_bank(str(tmp_path / "a.npy"))
+    bank.build_bank(str(tmp_path / "a.npy"))
   # with_bank replaces a single prompt by the bank.
   params = initializers.set_prompt({"encoder": {"x": 1}}, a)
-  assert initializers.get_prompt(multi_prompt.with_bank(params, bank)).shape == (4, LENGTH, 4)
+  assert initializers.get_prompt(bank.with_bank(params, stacked)).shape == (4, LENGTH, 4)
 
 
 def test_stack_candidates_pads_with_real_candidates():
-  table = multi_prompt.stack_candidates([[[5, 1, 0], [7, 8, 1]], [[12, 1]]])
+  table = ensembles.stack_candidates([[[5, 1, 0], [7, 8, 1]], [[12, 1]]])
   np.testing.assert_array_equal(table, [[[5, 1, 0], [7, 8, 1]], [[12, 1, 0], [12, 1, 0]]])
 
 

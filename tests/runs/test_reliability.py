@@ -29,9 +29,9 @@ from prompt_tuning import T5
 from prompt_tuning.training import checkpoints
 from prompt_tuning.data import dataset
 from prompt_tuning import eval as eval_main
-from prompt_tuning.cli import flags
+from prompt_tuning.cli import flags as cli_flags
 from prompt_tuning import infer as infer_main
-from prompt_tuning.formats import hf
+from prompt_tuning.formats import hf as hf_format
 from prompt_tuning.formats import pretrained
 from prompt_tuning import train as train_main
 from prompt_tuning.runs import run_log
@@ -237,7 +237,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   # A NaN in a frozen weight is refused at load (a damaged checkpoint) unless allowed.
   allow = "--gin.runs.train.allow_nonfinite_frozen=True"
   with pytest.raises(SystemExit):  # through the entry point: one line, no traceback
-    flags.run_main(lambda: _train(model_dir, checkpoint, allow))
+    cli_flags.run_main(lambda: _train(model_dir, checkpoint, allow))
   err = capsys.readouterr().err
   assert f"error: Non-finite loss or gradient at step {bad_steps[0]}" in err
   assert "last good checkpoint is kept" in err and "skip_nonfinite=True" in err
@@ -436,10 +436,10 @@ def test_partial_frozen_checkpoint_lists_the_missing_parameters(tmp_path, frozen
   model, params = pretrained.load_pretrained(frozen_checkpoint)
   folder = tmp_path / "hf"
   pretrained.export_hf(folder, model.config, params)
-  tensors = load_file(folder / hf.HF_SAFETENSORS)
+  tensors = load_file(folder / hf_format.HF_SAFETENSORS)
   del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
   del tensors["decoder.final_layer_norm.weight"]
-  save_file(tensors, folder / hf.HF_SAFETENSORS, metadata={"format": "pt"})
+  save_file(tensors, folder / hf_format.HF_SAFETENSORS, metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"missing \(2\)") as e:
     _train(tmp_path / "run", str(folder))
   assert "encoder/layers_1/mlp/wo/kernel" in str(e.value)
@@ -460,7 +460,7 @@ def test_cli_prints_one_line_errors_for_user_mistakes(tmp_path, frozen_checkpoin
   """What `python -m prompt_tuning.train` does with a user error: `error: ...`, exit status 2."""
   monkeypatch.delenv("PROMPT_TUNING_TRACEBACK", raising=False)
   with pytest.raises(SystemExit) as e:
-    flags.run_main(lambda: train_main.main(
+    cli_flags.run_main(lambda: train_main.main(
         _flags(tmp_path / "run", frozen_checkpoint, "--gin.BATCH_SIZE=0")))
   assert e.value.code == 2
   assert capsys.readouterr().err.startswith("error: BATCH_SIZE must be positive, got 0")
@@ -491,7 +491,7 @@ def test_readme_hf_command_offline_without_a_vocabulary_is_one_line_and_creates_
   checkpoint, model_dir = hf_folder(tmp_path), tmp_path / "prompt_rte_hf"
   capsys.readouterr()  # transformers' progress bar
   with pytest.raises(SystemExit) as e:
-    flags.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
+    cli_flags.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
   assert e.value.code == 2
   err = capsys.readouterr().err
   line = err.splitlines()[0]
@@ -511,7 +511,7 @@ def test_readme_hf_command_offline_uses_the_folders_spiece_model(tmp_path, capsy
   model_dir = tmp_path / "prompt_rte_hf"
   capsys.readouterr()
   with pytest.raises(SystemExit) as e:
-    flags.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
+    cli_flags.run_main(lambda: train_main.main(_readme_hf_command(checkpoint, model_dir)))
   assert e.value.code == 2
   captured = capsys.readouterr()
   assert (f"T5 vocabulary: {checkpoint / 'spiece.model'} (INITIAL_CHECKPOINT_PATH's "
@@ -540,8 +540,8 @@ def test_frozen_torch_bin_that_runs_code_is_refused(tmp_path):
   torch = pytest.importorskip("torch")
   folder, marker = tmp_path / "hf", tmp_path / "ran"
   folder.mkdir()
-  (folder / hf.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
-  torch.save({"shared.weight": Planted(marker)}, folder / hf.HF_TORCH)
+  (folder / hf_format.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
+  torch.save({"shared.weight": Planted(marker)}, folder / hf_format.HF_TORCH)
   with pytest.raises(ValueError, match=r"Refusing to load .*pytorch_model\.bin.*weights_only"):
     pretrained.load_pretrained(folder)
   assert not marker.exists()
@@ -551,8 +551,8 @@ def test_frozen_safetensors_with_an_absurd_header_is_refused(tmp_path):
   """A header that claims 2**60 bytes is refused before anything is allocated."""
   folder = tmp_path / "hf"
   folder.mkdir()
-  (folder / hf.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
-  (folder / hf.HF_SAFETENSORS).write_bytes((1 << 60).to_bytes(8, "little") + b"{}")
+  (folder / hf_format.HF_CONFIG).write_text(json.dumps(tiny_config().to_hf_dict()))
+  (folder / hf_format.HF_SAFETENSORS).write_bytes((1 << 60).to_bytes(8, "little") + b"{}")
   with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"
                                        r".*header too large"):
     pretrained.load_pretrained(folder)
@@ -583,7 +583,7 @@ def test_a_url_model_dir_is_refused_not_turned_into_a_local_folder(tmp_path, fro
   else:
     main = train_main.main
   with pytest.raises(SystemExit) as e:
-    flags.run_main(lambda: main(flags))
+    cli_flags.run_main(lambda: main(flags))
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "MODEL_DIR 's3://bucket/run' is a s3:// URL, which we cannot read or write" in err
